@@ -1,0 +1,1 @@
+"""Chimera components: the plugins, one folder per kind; each file registers itself."""

@@ -1,0 +1,3 @@
+"""Vision encoders: importing this package registers every built-in encoder."""
+
+from components.encoders import timm_vit  # noqa: F401

@@ -1,0 +1,98 @@
+"""MultimodalModel: composition, widths flowing between parts, splicing images into text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL
+from toolkit.errors import ChimeraError
+from toolkit.model import build_model, count_params
+from toolkit.module import token_losses
+
+IMG = 99
+
+
+@pytest.fixture
+def model():
+    return build_model(TINY_MODEL, vocab_size=100, image_token_id=IMG).eval()
+
+
+def test_widths_and_tokens_flow(model):
+    assert model.image_tokens == 4  # 16 px / patch 4 = 4x4 grid, 2D pooled by 2 -> 2x2
+    assert model.decoder.vocab_size == 128  # padded to a multiple of 64
+    x = torch.rand(3, 3, 16, 16)
+    assert model.encode_images(x).shape == (3, 4, 32)
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 3])
+def test_splice_writes_each_image_at_its_placeholders(model, n_images):
+    text = [5, 6]
+    ids = list(text)
+    for _ in range(n_images):
+        ids += [IMG] * model.image_tokens + [7]
+    input_ids = torch.tensor([ids])
+    images = torch.rand(n_images, 3, 16, 16) if n_images else None
+    embeds = model.embed(input_ids, images)
+    plain = model.decoder.embed(input_ids)
+    is_img = input_ids[0] == IMG
+    assert torch.equal(embeds[0, ~is_img], plain[0, ~is_img])  # text positions untouched
+    if n_images:
+        feats = model.encode_images(images).reshape(-1, 32)
+        assert torch.allclose(embeds[0, is_img], feats)  # images in order, token by token
+
+
+def test_splice_across_samples_of_a_batch(model):
+    P = model.image_tokens
+    a = [1] + [IMG] * P + [2, 3]
+    b = [IMG] * P + [4] + [IMG] * P
+    input_ids = torch.tensor([a + [0] * (len(b) - len(a)), b])
+    images = torch.rand(3, 3, 16, 16)
+    embeds = model.embed(input_ids, images)
+    feats = model.encode_images(images)
+    assert torch.allclose(embeds[0, 1 : 1 + P], feats[0])
+    assert torch.allclose(embeds[1, :P], feats[1])
+    assert torch.allclose(embeds[1, P + 1 : 2 * P + 1], feats[2])
+
+
+def test_placeholder_image_count_mismatch_is_a_clear_error(model):
+    ids = torch.tensor([[1] + [IMG] * model.image_tokens])
+    with pytest.raises(ChimeraError, match=r"4 image-token positions but 2 images x 4 tokens = 8"):
+        model.embed(ids, torch.rand(2, 3, 16, 16))
+
+
+def test_loss_only_on_target_tokens_and_gradients_reach_every_trainable_part(model):
+    model.train()
+    ids = torch.tensor([[1] + [IMG] * model.image_tokens + [5, 6, 7, 2]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]
+    logits = model(ids, torch.rand(1, 3, 16, 16))
+    loss_sum, n, exact = token_losses(logits, labels)
+    assert int(n) == 3 and exact.shape == (1,)
+    loss_sum.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lm_head" not in name:
+            assert p.grad is not None, name
+    # changing a non-target label leaves the loss unchanged
+    labels2 = labels.clone()
+    labels2[0, 0] = -100
+    assert torch.equal(token_losses(logits, labels2)[0], loss_sum)
+
+
+def test_pool_after_connector(model):
+    cfg = dict(TINY_MODEL, pool_after_connector=True)
+    m = build_model(cfg, vocab_size=100, image_token_id=IMG)
+    assert m.encode_images(torch.rand(2, 3, 16, 16)).shape == (2, 4, 32)
+
+
+def test_count_params_counts_tied_weights_once():
+    cfg = dict(TINY_MODEL, decoder={**TINY_MODEL["decoder"], "tie_embeddings": True})
+    tied = build_model(cfg, vocab_size=100, image_token_id=IMG)
+    untied = build_model(TINY_MODEL, vocab_size=100, image_token_id=IMG)
+    assert count_params(untied)[0] - count_params(tied)[0] == 128 * 32
+
+
+def test_vocab_smaller_than_tokenizer_fails():
+    cfg = dict(TINY_MODEL, decoder={**TINY_MODEL["decoder"], "vocab_size": 50})
+    with pytest.raises(ChimeraError, match="vocab_size: 50 is smaller than the tokenizer's 100"):
+        build_model(cfg, vocab_size=100, image_token_id=IMG)

@@ -1,0 +1,143 @@
+"""MultimodalModel: encoder -> pooler -> connector -> splice into text embeddings -> decoder -> logits.
+
+Read top to bottom (nanoGPT style). Image features land in the text at the positions of the image token:
+the collator expands each ``<image>`` placeholder into exactly ``image_tokens`` copies of ``image_token_id``
+and the model writes the connector's output there with one ``masked_scatter`` (as transformers' LLaVA does),
+so there is no Python loop over samples and positions are fixed for FSDP, packing and generation alike.
+
+The four parts are built through the registry from ``model:`` config nodes; widths and grids flow from one
+part to the next (the pooler gets the encoder's patch grid, the connector the encoder's and decoder's widths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.errors import ChimeraError
+from toolkit.registry import build
+
+PARTS = ("encoder", "pooler", "connector", "decoder")
+
+
+class MultimodalModel(nn.Module):
+    """A LLaVA-style model assembled from four registered parts."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        pooler: nn.Module,
+        connector: nn.Module,
+        decoder: nn.Module,
+        *,
+        image_token_id: int,
+        pool_after_connector: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder, self.pooler, self.connector, self.decoder = encoder, pooler, connector, decoder
+        self.image_token_id = image_token_id
+        self.pool_after_connector = pool_after_connector  # LLaVA-NeXT-Video pools after the projector
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image occupies in the decoder's sequence."""
+        return self.pooler.num_tokens
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """images: [N, 3, H, W] in [0, 1] -> [N, image_tokens, d_model]."""
+        feats = self.encoder(images)  # [N, P, C_enc]
+        if self.pool_after_connector:
+            return self.pooler(self.connector(feats))  # [N, P', d_model]
+        return self.connector(self.pooler(feats))  # [N, P', d_model]
+
+    def embed(self, input_ids: Tensor, images: Tensor | None = None) -> Tensor:
+        """Text embeddings with image features written at the image-token positions. -> [B, T, d_model]."""
+        embeds = self.decoder.embed(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id  # [B, T]
+        n_slots = int(is_image.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.image_tokens:
+            raise ChimeraError(
+                f"the batch has {n_slots} image-token positions but {n_images} images x {self.image_tokens} "
+                f"tokens = {n_images * self.image_tokens}; every <image> placeholder needs exactly one image"
+            )
+        if n_images == 0:
+            return embeds
+        feats = self.encode_images(images).to(embeds.dtype)  # [N, P', D]
+        mask = is_image.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, feats.reshape(-1))
+
+    def forward(self, input_ids: Tensor, images: Tensor | None = None, cache: list[Any] | None = None) -> Tensor:
+        """input_ids: [B, T], images: [N, 3, H, W] -> logits [B, T, vocab]."""
+        hidden = self.decoder(self.embed(input_ids, images), cache=cache)  # [B, T, D]
+        return self.decoder.logits(hidden)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, images: Tensor | None = None, *, max_new_tokens: int = 32, eos_token_id: int | None = None
+    ) -> Tensor:
+        """Greedy decoding with the decoder's hybrid cache: one prefill, then one token per step.
+
+        input_ids: [B, T] (left-aligned prompts of equal length) -> [B, T + n] (n <= max_new_tokens).
+        """
+        B, T = input_ids.shape
+        cache = self.decoder.allocate_cache(B, T + max_new_tokens, device=input_ids.device)
+        logits = self(input_ids, images, cache=cache)[:, -1]  # [B, V]
+        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            token = logits.argmax(-1)  # [B]
+            out.append(token[:, None])
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+                if bool(done.all()):
+                    break
+            logits = self.decoder.logits(self.decoder(self.decoder.embed(token[:, None]), cache=cache))[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id: int) -> MultimodalModel:
+    """Materialize the four parts from config; the decoder's vocab defaults to the tokenizer's size."""
+    for part in PARTS:
+        if part not in model_cfg or model_cfg[part] is None:
+            raise ChimeraError(f"model.{part}: missing; every model names an encoder, pooler, connector and decoder")
+    decoder_cfg = dict(model_cfg["decoder"])
+    if decoder_cfg.get("vocab_size") is None:
+        decoder_cfg["vocab_size"] = padded_vocab(vocab_size)
+    elif int(decoder_cfg["vocab_size"]) < vocab_size:
+        raise ChimeraError(
+            f"model.decoder.vocab_size: {decoder_cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} "
+            "tokens; raise it or remove it (it defaults to the tokenizer's size)",
+            key="model.decoder.vocab_size",
+        )
+    encoder = build("encoder", model_cfg["encoder"], "model.encoder")
+    pooler = build("pooler", model_cfg["pooler"], "model.pooler", grid=encoder.grid, n_tokens=encoder.num_tokens)
+    decoder = build("decoder", decoder_cfg, "model.decoder")
+    connector = build("connector", model_cfg["connector"], "model.connector", in_dim=encoder.embed_dim, out_dim=decoder.d_model)
+    return MultimodalModel(
+        encoder,
+        pooler,
+        connector,
+        decoder,
+        image_token_id=image_token_id,
+        pool_after_connector=bool(model_cfg.get("pool_after_connector", False)),
+    )
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Round the vocabulary up so the embedding and head have tensor-core friendly shapes."""
+    return multiple * ((n + multiple - 1) // multiple)
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters; shared tensors (tied embeddings) count once."""
+    seen, total, trainable = set(), 0, 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
