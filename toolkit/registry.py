@@ -177,7 +177,7 @@ def get(kind: str, name: str, where: str = "") -> Entry:
         known = ", ".join(sorted(_REGISTRY[kind])) or "none"
         raise ChimeraError(
             f"{prefix}unknown {kind} '{name}'{did_you_mean(name, _REGISTRY[kind])}; registered: {known}",
-            key=f"{where}.name" if where else None,
+            key=where or None,
         )
     return _REGISTRY[kind][name]
 
@@ -217,7 +217,7 @@ def validate(
     told where it comes from, so no width is ever written twice.
     """
     name, kwargs = split_node(node, kind, where)
-    entry = get(kind, name, where)
+    entry = get(kind, name, f"{where}.name")
     params = {p.name: p for p in entry.params()}
     derived = set(derived)
     for key in kwargs:

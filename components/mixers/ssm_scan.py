@@ -26,6 +26,7 @@ need, and cache what they found.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -41,8 +42,12 @@ logger = logging.getLogger("chimera")
 
 USE_KERNELS = ("auto", "always", "never")
 INSTALL_HINT = "pip install 'chimera-toolkit[gpu]'"
-SCAN_BLOCK = 64  # Mamba-1 time block on CPU (measured: 32-64 are equally fast; larger blocks spill the cache)
+SCAN_BLOCK = 32  # Mamba-1 time block on CPU (measured at D=512, N=16: 16-32 fastest; 128 is 1.4x slower)
 SSD_CHUNK = 64  # Mamba-2 chunk on CPU (the GPU kernel's chunk_size is a separate, larger setting)
+# Log-decays below this are raised to it before exp(): exp(-80) = 1.8e-35 is still a normal float, whereas
+# exp(x < -87) yields denormals, which x86 CPUs compute ~35x slower (measured). The change is far below fp32
+# resolution (a weight of 1e-35 instead of a smaller one).
+EXP_FLOOR = -80.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def _try_import(module: str, names: tuple[str, ...]) -> tuple[dict[str, Any], st
     """Import ``names`` from ``module``; any failure (ImportError, missing CUDA extension, undefined symbol)
     becomes a reason string instead of an exception."""
     try:
-        mod = __import__(module, fromlist=list(names))
+        mod = importlib.import_module(module)
         return {n: getattr(mod, n) for n in names}, ""
     except Exception as exc:  # noqa: BLE001 - a broken compiled extension raises all sorts of errors
         return {}, f"{module} ({type(exc).__name__}: {exc})"
@@ -179,7 +184,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor
     if prefix is None:
         out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
     else:
-        out = F.conv1d(torch.cat([prefix.to(x.dtype), x], dim=-1), weight.unsqueeze(1), bias, groups=x.shape[1])
+        out = F.conv1d(
+            torch.cat([prefix.to(x.dtype), x], dim=-1), weight.unsqueeze(1), bias, groups=x.shape[1]
+        )
     return F.silu(out)
 
 
@@ -213,72 +220,92 @@ def _scan_block(dA: Tensor, Hb: Tensor, h: Tensor) -> Tensor:
     return h
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """y[b,t,d] = sum_n C[b,t,n] h[b,t,d,n],  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  h_{-1} = h0.
+def _decay(delta: Tensor, At: Tensor, out: Tensor, floor: bool) -> Tensor:
+    """exp(delta A) for a block: delta [B, T, D], At [N, D] -> ``out`` [B, T, N, D]."""
+    torch.mul(delta.unsqueeze(2), At, out=out)
+    if floor:
+        out.clamp_(min=EXP_FLOOR)
+    return out.exp_()
 
-    All fp32. u, delta: [B, L, D]; A: [D, N]; Bm, C: [B, L, N]; h0: [B, D, N]. Returns (y [B, L, D], h_L).
+
+class _SelectiveScan(torch.autograd.Function):
+    """y[b,t,d] = sum_n C[b,t,n] h[b,t,n,d],  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  h_{-1} = h0.
+
+    All fp32. u, delta: [B, L, D]; At (= A transposed): [N, D]; Bm, C: [B, L, N]; h0: [B, N, D]. Returns
+    (y [B, L, D], h_L [B, N, D]). States are kept as [N, D] (D innermost): the per-step updates, the output
+    contraction over N and the reductions of the backward are then all long contiguous vector operations.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, C, h0, block):  # noqa: D102
-        batch, length, _ = u.shape
+    def forward(ctx, u, delta, At, Bm, C, h0, block, floor):  # noqa: D102
+        batch, length, dim = u.shape
         du = delta * u
-        y = torch.empty_like(u)
-        boundaries = []  # state entering each block, kept for the backward
+        y = torch.empty_like(u, memory_format=torch.contiguous_format)
+        T = min(block, length)
+        dA_buf = u.new_empty(batch, T, At.shape[0], dim)  # block buffers, reused (no allocation per block)
+        H_buf = torch.empty_like(dA_buf)
+        boundaries = []  # state entering each block, kept for the backward (the only O(state) memory)
         h = h0
         for s in range(0, length, block):
             e = min(s + block, length)
             boundaries.append(h)
-            dA = torch.mul(delta[:, s:e].unsqueeze(-1), A).exp_()  # [B, T, D, N]
-            Hb = du[:, s:e].unsqueeze(-1) * Bm[:, s:e].unsqueeze(2)  # [B, T, D, N], becomes the states
-            h = _scan_block(dA, Hb, h).clone()
-            y[:, s:e] = torch.matmul(Hb, C[:, s:e].unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(u, delta, A, Bm, C, torch.stack(boundaries, 1))
-        ctx.block = block
+            dA = _decay(delta[:, s:e], At, dA_buf[:, : e - s], floor)  # [B, T, N, D]
+            Hb = torch.mul(Bm[:, s:e].unsqueeze(-1), du[:, s:e].unsqueeze(2), out=H_buf[:, : e - s])
+            h = _scan_block(dA, Hb, h).clone()  # Hb now holds the block's states
+            torch.matmul(C[:, s:e].unsqueeze(-2), Hb, out=y[:, s:e].unsqueeze(-2))
+        ctx.save_for_backward(u, delta, At, Bm, C, torch.stack(boundaries, 1))
+        ctx.block, ctx.floor = block, floor
         ctx.set_materialize_grads(False)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh_last):  # noqa: D102
-        u, delta, A, Bm, C, boundaries = ctx.saved_tensors
+        u, delta, At, Bm, C, boundaries = ctx.saved_tensors
         block = ctx.block
-        batch, length, _ = u.shape
+        batch, length, dim = u.shape
         if dy is None:
             dy = torch.zeros_like(u)
         du = delta * u
         d_du, d_delta = torch.empty_like(u), torch.empty_like(delta)
         dB, dC = torch.empty_like(Bm), torch.empty_like(C)
-        dA_param = torch.zeros_like(A)
-        a_next, g_next = None, dh_last  # decay and gradient of the first step of the following block
+        dAt = torch.zeros_like(At)
+        T = min(block, length)
+        dA_buf = u.new_empty(batch, T, At.shape[0], dim)
+        H_buf, G_buf, tmp_buf = torch.empty_like(dA_buf), torch.empty_like(dA_buf), torch.empty_like(dA_buf)
+        a_next, g_next = None, dh_last  # decay and state gradient of the first step of the following block
         starts = list(range(0, length, block))
         for i in reversed(range(len(starts))):
             s = starts[i]
             e = min(s + block, length)
+            n = e - s
             h_in = boundaries[:, i]
-            dA = torch.mul(delta[:, s:e].unsqueeze(-1), A).exp_()
-            Hb = du[:, s:e].unsqueeze(-1) * Bm[:, s:e].unsqueeze(2)
-            _scan_block(dA, Hb, h_in)  # recompute the block's states
-            G = dy[:, s:e].unsqueeze(-1) * C[:, s:e].unsqueeze(2)  # dL/dh_t from y_t
+            dA = _decay(delta[:, s:e], At, dA_buf[:, :n], ctx.floor)
+            Hb = torch.mul(Bm[:, s:e].unsqueeze(-1), du[:, s:e].unsqueeze(2), out=H_buf[:, :n])
+            _scan_block(dA, Hb, h_in)  # recompute the block's states from its boundary
+            # dL/dh_t through y_t, then (below) through h_{t+1}
+            G = torch.mul(C[:, s:e].unsqueeze(-1), dy[:, s:e].unsqueeze(2), out=G_buf[:, :n])
             Gs, As = G.unbind(1), dA.unbind(1)
             if g_next is not None:  # gradient arriving from the next block (or from the returned last state)
                 if a_next is None:
                     Gs[-1].add_(g_next)
                 else:
                     Gs[-1].addcmul_(a_next, g_next)
-            for t in range(e - s - 2, -1, -1):  # reverse recurrence: g_t += exp(delta_{t+1} A) g_{t+1}
+            for t in range(n - 2, -1, -1):  # reverse recurrence: g_t += exp(delta_{t+1} A) g_{t+1}
                 Gs[t].addcmul_(As[t + 1], Gs[t + 1])
-            a_next, g_next = As[0], Gs[0].clone()
-            dC[:, s:e] = torch.matmul(dy[:, s:e].unsqueeze(-2), Hb).squeeze(-2)
-            d_du[:, s:e] = torch.matmul(G, Bm[:, s:e].unsqueeze(-1)).squeeze(-1)
-            dB[:, s:e] = torch.matmul(du[:, s:e].unsqueeze(-2), G).squeeze(-2)
-            Q = G.mul_(dA)  # dL/d(delta A) = g_t * exp(delta_t A) * h_{t-1}
+            a_next, g_next = As[0].clone(), Gs[0].clone()
+            torch.matmul(dy[:, s:e].unsqueeze(-2), Hb.transpose(-1, -2), out=dC[:, s:e].unsqueeze(-2))
+            torch.matmul(du[:, s:e].unsqueeze(-2), G.transpose(-1, -2), out=dB[:, s:e].unsqueeze(-2))
+            torch.matmul(Bm[:, s:e].unsqueeze(-2), G, out=d_du[:, s:e].unsqueeze(-2))
+            Q = G.mul_(dA)  # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}
             Q[:, 1:].mul_(Hb[:, :-1])
             Q[:, 0].mul_(h_in)
-            d_delta[:, s:e] = torch.einsum("btdn,dn->btd", Q, A)
-            dA_param += torch.einsum("btdn,btd->dn", Q, delta[:, s:e])
+            tmp = torch.mul(Q, At, out=tmp_buf[:, :n])
+            torch.sum(tmp, 2, out=d_delta[:, s:e])
+            tmp = torch.mul(Q, delta[:, s:e].unsqueeze(2), out=tmp_buf[:, :n])
+            dAt += tmp.sum((0, 1))
         dh0 = a_next * g_next
         d_delta += d_du * u
-        return d_du * delta, d_delta, dA_param, dB, dC, dh0, None
+        return d_du * delta, d_delta, dAt, dB, dC, dh0, None, None
 
 
 def selective_scan(
@@ -305,13 +332,22 @@ def selective_scan(
         y [B, L, D] in ``u``'s dtype, and the last state [B, D, N] (fp32) when ``return_last_state``.
     """
     dtype = u.dtype
-    u32, delta = u.float(), delta.float()
+    u32, delta = u.float().contiguous(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()
     if delta_softplus:
         delta = F.softplus(delta)
-    h0 = initial_state.float() if initial_state is not None else u32.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    y, last = _SelectiveScan.apply(u32, delta, A.float(), B.float(), C.float(), h0, block)
+    delta = delta.contiguous()
+    if initial_state is None:
+        h0 = u32.new_zeros(u.shape[0], A.shape[1], u.shape[2])
+    else:
+        h0 = initial_state.float().transpose(1, 2).contiguous()
+    At = A.float().t().contiguous()  # [N, D]
+    # clamp the log-decays only when some can fall below EXP_FLOOR (never at mamba_ssm's initialisation)
+    floor = bool(delta.max() * (-At).max() > -EXP_FLOOR) if delta.numel() else False
+    B, C = B.float().contiguous(), C.float().contiguous()
+    y, last = _SelectiveScan.apply(u32, delta, At, B, C, h0, block, floor)
+    last = last.transpose(1, 2)  # [B, D, N]
     if D is not None:
         y = y + u32 * D.float()
     if z is not None:
@@ -333,23 +369,25 @@ def selective_scan_ref(
     initial_state: Tensor | None = None,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Sequential reference for ``selective_scan`` (same arguments): one recurrence step per token."""
+    """Sequential reference for ``selective_scan`` (same arguments): one recurrence step per token, computed in
+    fp32 (or fp64 for fp64 inputs)."""
     dtype = u.dtype
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    f = torch.promote_types(dtype, torch.float32)
+    u, delta, A, B, C = u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()
+        delta = delta + delta_bias.to(f)
     if delta_softplus:
         delta = F.softplus(delta)
-    h = initial_state.float() if initial_state is not None else u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    h = initial_state.to(f) if initial_state is not None else u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
     ys = []
     for u_t, d_t, b_t, c_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1)):
         h = torch.exp(d_t.unsqueeze(-1) * A) * h + (d_t * u_t).unsqueeze(-1) * b_t.unsqueeze(1)
         ys.append(torch.einsum("bdn,bn->bd", h, c_t))
     y = torch.stack(ys, dim=1)
     if D is not None:
-        y = y + u * D.float()
+        y = y + u * D.to(f)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(f))
     y = y.to(dtype)
     return (y, h) if return_last_state else y
 
@@ -410,15 +448,17 @@ def ssd_chunked(
 
     # 1. within each chunk: y_l = sum_{s<=l} C_l.B_s exp(a_cs[l] - a_cs[s]) xdt_s  (a causal masked product)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    decay = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # [b,c,g,e,T,T]
+    seg = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp(EXP_FLOOR, 0.0)  # <= 0 on and below the diagonal
+    decay = seg.exp().masked_fill(~causal, 0.0)  # [b,c,g,e,T,T]
     y = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xdt  # [b,c,g,e,T,P]
 
     # 2. each chunk's own contribution to the state at its end
-    to_end = (a_cs[..., -1:] - a_cs).exp().unsqueeze(-1)  # [b,c,g,e,T,1]
+    to_end = (a_cs[..., -1:] - a_cs).clamp(min=EXP_FLOOR).exp().unsqueeze(-1)  # [b,c,g,e,T,1]
     chunk_states = (xdt * to_end).transpose(-1, -2) @ Bc  # [b,c,g,e,P,N]
 
     # 3. across chunks, sequentially: the state entering each chunk
-    chunk_decay = a_cs[..., -1].exp()  # [b,c,g,e]
+    from_start = a_cs.clamp(min=EXP_FLOOR).exp()  # decay from the chunk's start [b,c,g,e,T]
+    chunk_decay = from_start[..., -1]  # [b,c,g,e]
     if initial_state is None:
         h = chunk_states.new_zeros(batch, ngroups, per_group, headdim, dstate)
     else:
@@ -430,10 +470,10 @@ def ssd_chunked(
     entering = torch.stack(entering, 1)  # [b,c,g,e,P,N]
 
     # 4. the entering state's contribution inside each chunk
-    y = y + (Cc @ entering.transpose(-1, -2)) * a_cs.exp().unsqueeze(-1)
+    y = y + (Cc @ entering.transpose(-1, -2)) * from_start.unsqueeze(-1)
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(batch, nc * T, nheads, headdim)[:, :length]
     if D is not None:
-        y = y + x32 * (D.float().view(nheads, -1) if D.dim() == 2 else D.float().view(nheads, 1))
+        y = y + x32 * D.float().view(nheads, -1)  # D: [H] or [H, P]
     y = y.to(dtype)
     return (y, h.reshape(batch, nheads, headdim, dstate)) if return_final_state else y
 
@@ -450,21 +490,20 @@ def ssd_ref(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Sequential reference for ``ssd_chunked`` (same arguments): one recurrence step per token."""
+    """Sequential reference for ``ssd_chunked`` (same arguments): one recurrence step per token, computed in
+    fp32 (or fp64 for fp64 inputs)."""
     dtype = x.dtype
+    f = torch.promote_types(dtype, torch.float32)
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
-    x, dt, A = x.float(), dt.float(), A.float()
+    x, dt, A = x.to(f), dt.to(f), A.to(f)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + dt_bias.to(f)
     if dt_softplus:
         dt = F.softplus(dt)
-    B = B.float().repeat_interleave(nheads // ngroups, dim=2)  # [B, L, H, N]
-    C = C.float().repeat_interleave(nheads // ngroups, dim=2)
-    if initial_state is None:
-        h = x.new_zeros(batch, nheads, headdim, dstate)
-    else:
-        h = initial_state.float()
+    B = B.to(f).repeat_interleave(nheads // ngroups, dim=2)  # [B, L, H, N]
+    C = C.to(f).repeat_interleave(nheads // ngroups, dim=2)
+    h = x.new_zeros(batch, nheads, headdim, dstate) if initial_state is None else initial_state.to(f)
     ys = []
     for x_t, dt_t, b_t, c_t in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
         dA = torch.exp(dt_t * A)[..., None, None]  # [B, H, 1, 1]
@@ -472,6 +511,6 @@ def ssd_ref(
         ys.append(torch.einsum("bhpn,bhn->bhp", h, c_t))
     y = torch.stack(ys, dim=1)
     if D is not None:
-        y = y + x * (D.float().view(nheads, -1) if D.dim() == 2 else D.float().view(nheads, 1))
+        y = y + x * D.to(f).view(nheads, -1)
     y = y.to(dtype)
     return (y, h) if return_final_state else y
