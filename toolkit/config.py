@@ -102,14 +102,15 @@ COMPONENT_NODES = {
 STAGE_KEYS = {"name", "trainable", "data", "optim", "trainer", "model"}
 
 
-def merge(base: Any, other: Any) -> Any:
-    """Deep-merge plain containers; a mapping whose ``name`` changes replaces the old one wholesale."""
+def merge(base: Any, other: Any, path: str = "") -> Any:
+    """Deep-merge plain containers; a component node whose ``name`` changes is replaced wholesale."""
     if isinstance(base, Mapping) and isinstance(other, Mapping):
-        if "name" in other and "name" in base and other["name"] != base["name"]:
+        if path in COMPONENT_NODES and "name" in other and "name" in base and other["name"] != base["name"]:
             return copy.deepcopy(dict(other))
         out = dict(base)
         for key, value in other.items():
-            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+            dotted = f"{path}.{key}" if path else str(key)
+            out[key] = merge(base[key], value, dotted) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(other)
 

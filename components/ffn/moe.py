@@ -89,11 +89,9 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         token_of = order // self.top_k
         routed = tokens[token_of]  # [T*k, D], expert-contiguous
-        outputs = [
-            self.experts[e](chunk)
-            for e, chunk in enumerate(routed.split(counts.tolist()))
-            if chunk.shape[0] > 0
-        ]
+        # every expert runs, an idle one on an empty chunk: its weights still join the graph (zero gradients),
+        # which DDP needs to see every parameter used in every step
+        outputs = [self.experts[e](chunk) for e, chunk in enumerate(routed.split(counts.tolist()))]
         expert_out = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(tokens).index_add_(0, token_of, expert_out)
 

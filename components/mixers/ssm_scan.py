@@ -346,7 +346,10 @@ def selective_scan(
     # clamp the log-decays only when some can fall below EXP_FLOOR (never at mamba_ssm's initialisation)
     floor = bool(delta.max() * (-At).max() > -EXP_FLOOR) if delta.numel() else False
     B, C = B.float().contiguous(), C.float().contiguous()
-    y, last = _SelectiveScan.apply(u32, delta, At, B, C, h0, block, floor)
+    if u.shape[1] == 0:
+        y, last = torch.zeros_like(u32), h0
+    else:
+        y, last = _SelectiveScan.apply(u32, delta, At, B, C, h0, block, floor)
     last = last.transpose(1, 2)  # [B, D, N]
     if D is not None:
         y = y + u32 * D.float()
@@ -425,6 +428,8 @@ def ssd_chunked(
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     per_group = nheads // ngroups
+    if length == 0:
+        return ssd_ref(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, return_final_state)
     x32, dt, B, C, A = x.float(), dt.float(), B.float(), C.float(), A.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()

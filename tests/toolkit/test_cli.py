@@ -63,7 +63,7 @@ def test_describe_reference_on_meta_device():
 def test_describe_text(tiny_experiment, capsys):
     assert main(["describe", str(tiny_experiment)]) == 0
     out = capsys.readouterr().out
-    assert "image tokens  4 per image" in out and "pattern       *-m-" in out and "attention + mlp" in out
+    assert "image tokens  4 per image" in out and "pattern       m-*-" in out and "attention + mlp" in out
 
 
 @pytest.mark.slow

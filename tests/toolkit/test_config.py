@@ -21,10 +21,15 @@ def write(path: Path, data) -> Path:
 
 
 def test_merge_replaces_a_component_whose_name_changes():
-    base = {"connector": {"name": "mlp", "depth": 3}, "x": {"a": 1, "b": 2}}
-    assert merge(base, {"connector": {"name": "linear"}}) == {"connector": {"name": "linear"}, "x": {"a": 1, "b": 2}}
-    assert merge(base, {"connector": {"depth": 4}})["connector"] == {"name": "mlp", "depth": 4}
+    base = {"model": {"connector": {"name": "mlp", "depth": 3}}, "x": {"a": 1, "b": 2}, "name": "a"}
+    swapped = merge(base, {"model": {"connector": {"name": "linear"}}})
+    assert swapped == {"model": {"connector": {"name": "linear"}}, "x": {"a": 1, "b": 2}, "name": "a"}
+    assert merge(base, {"model": {"connector": {"depth": 4}}})["model"]["connector"] == {"name": "mlp", "depth": 4}
     assert merge(base, {"x": {"b": 3}})["x"] == {"a": 1, "b": 3}
+    # only component nodes follow the rule: a run name or a strategy name merges like any value
+    assert merge(base, {"name": "b"}) == {**base, "name": "b"}
+    strategy = merge({"strategy": {"name": "auto", "activation_checkpointing": False}}, {"strategy": {"name": "fsdp"}})
+    assert strategy["strategy"] == {"name": "fsdp", "activation_checkpointing": False}
 
 
 def test_base_inheritance_relative_paths_and_order(tmp_path):

@@ -96,3 +96,17 @@ def test_vocab_smaller_than_tokenizer_fails():
     cfg = dict(TINY_MODEL, decoder={**TINY_MODEL["decoder"], "vocab_size": 50})
     with pytest.raises(ChimeraError, match="vocab_size: 50 is smaller than the tokenizer's 100"):
         build_model(cfg, vocab_size=100, image_token_id=IMG)
+
+
+def test_greedy_generate_with_cache_equals_recomputing_the_full_sequence(model):
+    P = model.image_tokens
+    prompt = torch.tensor([[1] + [IMG] * P + [5, 6], [2] + [IMG] * P + [7, 8]])
+    images = torch.rand(2, 3, 16, 16)
+    out = model.generate(prompt, images, max_new_tokens=5)
+    assert out.shape == (2, prompt.shape[1] + 5) and torch.equal(out[:, : prompt.shape[1]], prompt)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(5):  # no cache: full forward over everything generated so far
+            nxt = model(seq, images)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)

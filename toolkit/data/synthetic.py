@@ -103,6 +103,10 @@ class SyntheticShapes(Dataset):
             ``tasks[i % len(tasks)]``.
         images_per_sample: images per conversation (``compare`` needs at least 2).
         split: mixed into every sample's seed so that ``train`` and ``val`` differ.
+        radius: [min, max] half extent of a shape, as a fraction of the image side.
+        jitter: how much of the free room a shape's centre may use (1: anywhere it fits, 0: centred).
+            Random placement is what makes ``shape`` slow to learn for a ViT trained from scratch (it must
+            learn translation invariance); small jitter keeps a quick run quick.
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class SyntheticShapes(Dataset):
         tasks: list[str] = ("color", "shape"),
         images_per_sample: int = 1,
         split: str = "train",
+        radius: tuple[float, float] = _RADIUS,
+        jitter: float = 1.0,
     ):
         if isinstance(tasks, str):
             tasks = [tasks]
@@ -132,6 +138,12 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"images_per_sample must be in 1..{len(ORDINALS)}, got {images_per_sample}")
         if "compare" in tasks and int(images_per_sample) < 2:
             raise ValueError(f"task 'compare' needs images_per_sample >= 2, got {images_per_sample}")
+        radius = tuple(float(r) for r in radius)
+        if len(radius) != 2 or not 0.05 <= radius[0] <= radius[1] <= 0.5:
+            raise ValueError(f"radius must be [min, max] with 0.05 <= min <= max <= 0.5, got {list(radius)}")
+        if not 0.0 <= float(jitter) <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {jitter}")
+        self.radius, self.jitter = radius, float(jitter)
         self.size = int(size)
         self.seed = int(seed)
         self.image_size = int(image_size)
@@ -212,9 +224,10 @@ class SyntheticShapes(Dataset):
         """FloatTensor[3, S, S] in [0, 1]: grey background, light noise, one shape of ``color``."""
         S = self.image_size
         u = torch.rand(6, generator=g).tolist()
-        r = _RADIUS[0] + (_RADIUS[1] - _RADIUS[0]) * u[0]
-        cx = r + (1 - 2 * r) * u[1]
-        cy = r + (1 - 2 * r) * u[2]
+        r = self.radius[0] + (self.radius[1] - self.radius[0]) * u[0]
+        room = (1 - 2 * r) * self.jitter  # the centre moves within [0.5 - room/2, 0.5 + room/2]
+        cx = 0.5 + room * (u[1] - 0.5)
+        cy = 0.5 + room * (u[2] - 0.5)
         grey = _BACKGROUND[0] + (_BACKGROUND[1] - _BACKGROUND[0]) * u[3]
         rgb = torch.tensor(COLORS[color]) + _COLOR_JITTER * (2 * torch.rand(3, generator=g) - 1)
         mask = shape_mask(shape, S, cx, cy, r)  # [S, S]
