@@ -92,7 +92,16 @@ def cmd_components(args: argparse.Namespace) -> int:
                 "symbol": e.symbol,
                 "module": e.module,
                 "summary": e.summary,
-                "params": [{"name": p.name, "default": _jsonable(_param_repr(p.default)), "required": p.required, "type": p.annotation} for p in e.params()],
+                "params": [
+                    {
+                        "name": p.name,
+                        "default": _jsonable(_param_repr(p.default)),
+                        "required": p.required and p.name not in registry.DERIVED[e.kind],
+                        "derived": p.name in registry.DERIVED[e.kind],
+                        "type": p.annotation,
+                    }
+                    for p in e.params()
+                ],
             }
             for e in entries
         ]
@@ -106,7 +115,10 @@ def cmd_components(args: argparse.Namespace) -> int:
         letter = f" [{e.symbol}]" if e.symbol else ""
         print(f"  {e.name}{letter}  ({e.module})  {e.summary}")
         for p in e.params():
-            default = "required" if p.required else f"= {p.default!r}"
+            if p.name in registry.DERIVED[e.kind]:
+                default = "(derived by Chimera)"
+            else:
+                default = "required" if p.required else f"= {p.default!r}"
             print(f"      {p.name}: {p.annotation or 'Any'} {default}")
     return 0
 

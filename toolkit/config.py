@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "find_unused_parameters": False,  # ddp only
     },
     "checkpoint": {"every_n_steps": 100, "save_last": True, "keep": 2},
+    "perf": {"peak_tflops": None},  # per-device peak for MFU; None: datasheet value of a known GPU, else no MFU
     "tracking": {
         "uri": None,  # None: $MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/mlflow.db
         "experiment": "chimera",
@@ -297,14 +298,6 @@ def check_components(cfg: Any, sources: Sources) -> None:
     from toolkit import registry
 
     registry.import_plugins(cfg.get("plugins") or [], where=f"{sources.of('plugins')}: plugins")
-    derived = {
-        "model.encoder": (),
-        "model.pooler": ("grid", "n_tokens"),
-        "model.connector": ("in_dim", "out_dim"),
-        "model.decoder": (),
-        "data.train": ("image_size",),
-        "data.val": ("image_size",),
-    }
     for dotted, kind in COMPONENT_NODES.items():
         node = OmegaConf.select(cfg, dotted)
         if node is None:
@@ -312,7 +305,7 @@ def check_components(cfg: Any, sources: Sources) -> None:
                 continue
             raise ChimeraError(f"{sources.default}: {dotted}: missing; set it to {{name: <a registered {kind}>, ...}}")
         try:
-            registry.validate(kind, node, dotted, derived=derived[dotted])
+            registry.validate(kind, node, dotted)
         except ChimeraError as exc:
             raise ChimeraError(f"{sources.of(exc.key or dotted)}: {exc}", key=exc.key) from exc
 

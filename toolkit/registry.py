@@ -22,6 +22,16 @@ from typing import Any
 from toolkit.errors import ChimeraError, did_you_mean
 
 KINDS = ("encoder", "pooler", "connector", "mixer", "ffn", "decoder", "dataset")
+# Constructor arguments the toolkit fills in from neighbouring parts: users never write them.
+DERIVED: dict[str, tuple[str, ...]] = {
+    "encoder": (),
+    "pooler": ("grid", "n_tokens"),
+    "connector": ("in_dim", "out_dim"),
+    "mixer": ("d_model", "layer_idx"),
+    "ffn": ("d_model", "layer_idx"),
+    "decoder": (),
+    "dataset": ("image_size",),
+}
 ENTRY_POINT_GROUP = "chimera.components"
 
 _MISSING = inspect.Parameter.empty
@@ -209,7 +219,7 @@ def split_node(node: Mapping[str, Any] | str, kind: str, where: str) -> tuple[st
 
 
 def validate(
-    kind: str, node: Mapping[str, Any] | str, where: str, derived: Iterable[str] = ()
+    kind: str, node: Mapping[str, Any] | str, where: str, derived: Iterable[str] | None = None
 ) -> tuple[Entry, dict[str, Any]]:
     """Check a config node against the constructor signature without building anything.
 
@@ -219,7 +229,7 @@ def validate(
     name, kwargs = split_node(node, kind, where)
     entry = get(kind, name, f"{where}.name")
     params = {p.name: p for p in entry.params()}
-    derived = set(derived)
+    derived = set(DERIVED[kind] if derived is None else derived)
     for key in kwargs:
         if key in derived:
             raise ChimeraError(

@@ -112,7 +112,7 @@ class HybridDecoder(nn.Module):
         cls.resolve_pattern(str(kwargs.get("pattern", "transformer")), kwargs.get("n_layers"), kwargs.get("ssm", "mamba"))
         for group, kind in (("mixers", "mixer"), ("ffns", "ffn")):
             for name, args in (kwargs.get(group) or {}).items():
-                validate(kind, {"name": name, **(args or {})}, f"{where}.{group}.{name}", derived=("d_model", "layer_idx"))
+                validate(kind, {"name": name, **(args or {})}, f"{where}.{group}.{name}")
 
     @property
     def pattern(self) -> str:
