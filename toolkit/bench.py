@@ -88,3 +88,194 @@ def format_mixers(result: dict[str, Any]) -> str:
     for L, row in result["prefill"].items():
         lines.append(f"  {L:>7} {row['hybrid_s']:>10.3f} {row['transformer_s']:>14.3f} {row['hybrid_over_transformer']:>19.2f}")
     return "\n".join(lines)
+
+
+
+
+
+class _PlainLoop:
+    """A hand-written PyTorch training step: same model copy, batch, loss, optimizer, schedule and clipping."""
+
+    def __init__(
+        self, model, module_cls, config: dict[str, Any], batch: dict[str, Any], device, precision: str, clip
+    ):
+        module = module_cls(
+            model, optim=config["optim"], max_steps=int(config["trainer"]["max_steps"]), config=config
+        )
+        opt = module.configure_optimizers()  # the toolkit's own AdamW groups and schedule (no trainer needed)
+        self.optimizer, self.schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+        self.model, self.batch, self.device, self.clip = model.to(device).train(), batch, device, clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = precision.startswith(("bf16", "16")) and precision.endswith("mixed")
+        self.dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        if precision.startswith(("bf16", "16")) and precision.endswith("true"):
+            model.to(self.dtype)
+
+    def step(self) -> float:
+        from toolkit.module import token_losses
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        batch, device = self.batch, self.device
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        images = batch["images"].to(device, non_blocking=True) if batch.get("images") is not None else None
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.autocast):
+            logits = self.model(ids, images)
+        loss_sum, n_tokens, _ = token_losses(logits, labels)
+        (loss_sum / n_tokens.clamp(min=1)).backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _paired_steps(
+    lightning_model, plain: _PlainLoop, module_cls, config, batch, steps, accelerator, precision, clip
+):
+    """Alternate one step of the toolkit's Lightning training (ChimeraModule under a Trainer, as ``chimera
+    train`` builds it, minus checkpoint and MLflow I/O) with one plain step; returns both lists of times.
+
+    A Lightning step is the wall time from the end of one ``on_train_batch_end`` to the next (loop, hooks,
+    data fetch, forward, backward, rescale, clipping, optimizer); the plain step runs in between, untimed by
+    the Lightning clock. Paired steps see the same machine load, which matters on a shared machine.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    lightning_times: list[float] = []
+    plain_times: list[float] = []
+
+    class Alternate(pl.Callback):
+        def __init__(self) -> None:
+            self.mark: float | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _sync(pl_module.device)
+            if self.mark is not None:
+                lightning_times.append(time.perf_counter() - self.mark)
+            plain_times.append(plain.step())
+            self.mark = time.perf_counter()
+
+    module = module_cls(
+        lightning_model, optim=config["optim"], max_steps=int(config["trainer"]["max_steps"]), config=config
+    )
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=steps + 2,  # one warmup step each, and the first Lightning interval has no start mark
+        limit_val_batches=0,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Alternate()],
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(config["trainer"].get("log_every_n_steps", 50)),
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * (steps + 2), batch_size=None))
+    return lightning_times[1:], plain_times[2:]
+
+
+def bench_model(config: str, overrides: Sequence[str] = (), steps: int = 20) -> dict[str, Any]:
+    """The toolkit's Lightning training step vs a plain PyTorch loop, same model, batch and optimizer.
+
+    Both start from the same initial weights and alternate step by step (``_paired_steps``), so a noisy
+    machine slows both alike. Step times are medians over ``steps`` steps after one warmup step each;
+    ``overhead_ratio = lightning_step_s / plain_step_s`` (target: <= 1.05) and ``paired_ratio_median`` is the
+    median of the per-step ratios. One device, whatever ``strategy`` the experiment names; the experiment's
+    ``log_every_n_steps`` applies (``self.log`` costs ~0.5 ms per metric on the steps that log).
+    """
+    import copy
+    import warnings
+
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+
+    from toolkit.config import load_config
+    from toolkit.model import count_params
+    from toolkit.module import ChimeraModule
+    from toolkit.strategies import apply_activation_checkpointing
+    from toolkit.train import build_parts, build_tokenizer
+
+    cfg = load_config(config, overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tokenizer = build_tokenizer(cfg)
+    pl.seed_everything(int(cfg.seed), verbose=False)
+    model, datamodule = build_parts(cfg, tokenizer)
+    if cfg.strategy.get("activation_checkpointing"):
+        apply_activation_checkpointing(model)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if on_cuda else "cpu")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    clip = cfg.trainer.get("gradient_clip_val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = _PlainLoop(copy.deepcopy(model), ChimeraModule, resolved, batch, device, precision, clip)
+        lightning_times, plain_times = _paired_steps(
+            copy.deepcopy(model),
+            plain,
+            ChimeraModule,
+            resolved,
+            batch,
+            steps,
+            "gpu" if on_cuda else "cpu",
+            precision,
+            clip,
+        )
+    plain_s, lightning_s = statistics.median(plain_times), statistics.median(lightning_times)
+    total, trainable = count_params(model)
+    return {
+        "config": str(config),
+        "overrides": list(overrides),
+        "device": torch.cuda.get_device_name(device)
+        if on_cuda
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": precision,
+        "params": total,
+        "trainable_params": trainable,
+        "batch": {
+            "size": int(batch["input_ids"].shape[0]),
+            "seq_len": int(batch["input_ids"].shape[1]),
+            "images": 0 if batch.get("images") is None else int(batch["images"].shape[0]),
+        },
+        "steps": steps,
+        "plain_step_s": plain_s,
+        "lightning_step_s": lightning_s,
+        "overhead_ratio": lightning_s / plain_s,
+        "paired_ratio_median": statistics.median(lt / pt for lt, pt in zip(lightning_times, plain_times)),
+        "plain_step_s_all": plain_times,
+        "lightning_step_s_all": lightning_times,
+    }
+
+
+def format_model(result: dict[str, Any]) -> str:
+    ratio = result["overhead_ratio"]
+    batch = result["batch"]
+    verdict = "ok" if ratio <= 1.05 else "ABOVE"
+    lines = [
+        f"Lightning step vs plain PyTorch loop: {result['config']} {' '.join(result['overrides'])}".rstrip(),
+        f"  device {result['device']}, precision {result['precision']}, {result['params']:,} params "
+        f"({result['trainable_params']:,} trainable)",
+        f"  batch {batch['size']} x {batch['seq_len']} tokens, {batch['images']} images; "
+        f"{result['steps']} steps each, alternating, medians",
+        f"  plain loop      {result['plain_step_s'] * 1e3:9.2f} ms/step",
+        f"  Lightning step  {result['lightning_step_s'] * 1e3:9.2f} ms/step",
+        f"  overhead_ratio  {ratio:9.3f}  ({(ratio - 1) * 100:+.1f}%; target <= 1.05: {verdict}); "
+        f"median of per-step ratios {result['paired_ratio_median']:.3f}",
+    ]
+    return "\n".join(lines)

@@ -4,6 +4,11 @@ The datamodule shards its own data: ``SeededSampler`` gives each rank a strided 
 permutation (as ``DistributedSampler`` does), so DDP and FSDP ranks see disjoint samples and every run with
 the same seed sees the same order. The trainer must therefore be built with
 ``use_distributed_sampler=False``, or Lightning would wrap this sampler in its own.
+
+The training loader is resumable: Lightning does not fast-forward a plain loader when it resumes from a
+checkpoint saved mid-epoch (it would replay the epoch from its first batch). ``ResumableDataLoader`` has
+``state_dict`` / ``load_state_dict`` (Lightning stores them in the checkpoint's loop state), and after a
+restore the sampler starts that epoch right after the last batch that was trained on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class SeededSampler(Sampler[int]):
     ``r, r + R, r + 2R, ...``. With ``drop_last`` the tail that does not divide evenly is dropped; without it
     the permutation is padded by wrapping around, so every rank gets the same number of samples (a few
     samples then appear twice). ``rank`` / ``num_replicas`` default to torch.distributed's when initialised,
-    else 0 / 1.
+    else 0 / 1. Setting ``start = k`` makes the next iteration skip this rank's first ``k`` samples (used to
+    resume mid-epoch; it resets to 0 once used). ``len()`` always counts the whole epoch.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class SeededSampler(Sampler[int]):
         self._rank = rank
         self._num_replicas = num_replicas
         self.epoch = 0
+        self.start = 0  # positions of this rank's shard to skip in the next iteration only (resume)
 
     @property
     def rank(self) -> int:
@@ -87,15 +94,61 @@ class SeededSampler(Sampler[int]):
             order = order[:total]
         elif order:  # pad by wrapping around so every rank has len(self) samples
             order = (order * (-(-total // len(order))))[:total]
-        return iter(order[self.rank : total : self.num_replicas])
+        start, self.start = self.start, 0
+        return iter(order[self.rank : total : self.num_replicas][start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a ``SeededSampler`` that resumes mid-epoch.
+
+    It counts the batches it has handed out in the current epoch. ``state_dict()`` returns
+    ``{"epoch", "batches"}``; Lightning saves it with the loop state in every checkpoint (the loader is
+    ``_Stateful``) and calls ``load_state_dict`` on resume. The next iteration over the same epoch then starts
+    after those batches (sampler-side: nothing is loaded twice), and Lightning's own batch counter, restored
+    from the same checkpoint, ends the epoch at the usual length. The count is exact because Lightning does
+    not prefetch from a loader with a length; worker prefetching happens below this count.
+
+    The iterator is created lazily, at the first ``next()``: Lightning calls ``iter()`` before it calls the
+    sampler's ``set_epoch`` on resume, and the epoch must be known to decide whether to skip.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0  # the epoch of the current (or last) iteration
+        self._batches = 0  # batches handed out in it
+        self._pending: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._pending = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        skip, pending, self._pending = 0, self._pending, None
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        if pending is not None and pending["epoch"] == epoch:
+            skip = min(pending["batches"], len(self))
+        if skip:
+            self.sampler.start = skip * self.batch_size
+        self._epoch, self._batches = epoch, skip
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
 
 
 def dataset_vocabulary(node: Mapping[str, Any] | str, where: str = "data.train") -> list[str]:
     """The words the dataset selected by ``node`` can emit (its class's ``vocabulary()``).
 
-    Used to build the word-level tokenizer when no tokenizer directory is configured.
+    Used to build the word-level tokenizer when no tokenizer directory is configured. A ``vocabulary`` that
+    takes arguments receives the node's arguments of the same names (a mixture needs its ``parts``).
     """
-    name, _ = registry.split_node(node, "dataset", where)
+    import inspect
+
+    name, kwargs = registry.split_node(node, "dataset", where)
     entry = registry.get("dataset", name, where)
     vocabulary = getattr(entry.target, "vocabulary", None)
     if not callable(vocabulary):
@@ -103,7 +156,8 @@ def dataset_vocabulary(node: Mapping[str, Any] | str, where: str = "data.train")
             f"{where}: dataset '{name}' has no built-in vocabulary to build a word-level tokenizer from; "
             "set data.tokenizer to a local tokenizer directory"
         )
-    return list(vocabulary())
+    accepted = inspect.signature(vocabulary).parameters
+    return list(vocabulary(**{k: v for k, v in kwargs.items() if k in accepted}))
 
 
 class ChimeraDataModule(L.LightningDataModule):
@@ -185,7 +239,8 @@ class ChimeraDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, sampler: Sampler, batch_size: int, where: str, drop_last: bool
     ) -> DataLoader:
-        return DataLoader(
+        cls = ResumableDataLoader if where == "data.train" else DataLoader
+        return cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
