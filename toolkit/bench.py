@@ -48,21 +48,33 @@ def _decoder(pattern: str, d_model: int, n_layers: int, device: str):
 
 
 def bench_prefill(
-    lengths: Sequence[int] = (1024, 4096, 16384), d_model: int = 128, n_layers: int = 8, device: str | None = None
+    lengths: Sequence[int] = (1024, 4096, 16384),
+    d_model: int = 128,
+    n_layers: int = 8,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Prefill (one forward over the prompt, no grad) of ``hybrid_1_7`` vs ``transformer``, B=1."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     hybrid = _decoder("hybrid_1_7", d_model, n_layers, device)
     transformer = _decoder("transformer", d_model, n_layers, device)
-    out: dict[str, Any] = {"d_model": d_model, "n_layers": n_layers, "hybrid_pattern": hybrid.pattern, "by_length": {}}
+    out: dict[str, Any] = {
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "hybrid_pattern": hybrid.pattern,
+        "by_length": {},
+    }
     for L in lengths:
         x = torch.randn(1, L, d_model, device=device)
         repeats = 3 if L <= 4096 else 1
         with torch.no_grad():
-            t_h = timed(lambda: hybrid(x), repeats=repeats)
-            t_t = timed(lambda: transformer(x), repeats=repeats)
-        out["by_length"][str(L)] = {"hybrid_s": t_h, "transformer_s": t_t, "hybrid_over_transformer": t_h / t_t}
+            t_h = timed(lambda x=x: hybrid(x), repeats=repeats)
+            t_t = timed(lambda x=x: transformer(x), repeats=repeats)
+        out["by_length"][str(L)] = {
+            "hybrid_s": t_h,
+            "transformer_s": t_t,
+            "hybrid_over_transformer": t_h / t_t,
+        }
     return out
 
 
@@ -81,16 +93,21 @@ def bench_mixers(quick: bool = False) -> dict[str, Any]:
 def format_mixers(result: dict[str, Any]) -> str:
     from toolkit.bench_mixers import format_table
 
-    lines = [format_table(result), "", "prefill, hybrid 1:7 vs Transformer (equal width and depth, B=1, no grad)"]
+    lines = [
+        format_table(result),
+        "",
+        "prefill, hybrid 1:7 vs Transformer (equal width and depth, B=1, no grad)",
+    ]
     cfg = result["prefill_config"]
-    lines.append(f"  d_model {cfg['d_model']}, {cfg['n_layers']} layers, hybrid pattern {cfg['hybrid_pattern']}")
+    lines.append(
+        f"  d_model {cfg['d_model']}, {cfg['n_layers']} layers, hybrid pattern {cfg['hybrid_pattern']}"
+    )
     lines.append(f"  {'L':>7} {'hybrid s':>10} {'transformer s':>14} {'hybrid/transformer':>19}")
     for L, row in result["prefill"].items():
-        lines.append(f"  {L:>7} {row['hybrid_s']:>10.3f} {row['transformer_s']:>14.3f} {row['hybrid_over_transformer']:>19.2f}")
+        lines.append(
+            f"  {L:>7} {row['hybrid_s']:>10.3f} {row['transformer_s']:>14.3f} {row['hybrid_over_transformer']:>19.2f}"
+        )
     return "\n".join(lines)
-
-
-
 
 
 class _PlainLoop:

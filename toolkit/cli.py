@@ -21,14 +21,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="chimera", description="Compose and train LLaVA-style models from plugins.")
+    ap = argparse.ArgumentParser(
+        prog="chimera", description="Compose and train LLaVA-style models from plugins."
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an experiment (all stages, or one with --stage)")
     _add_config_args(p)
     p.add_argument("--stage", help="run only this stage of a staged recipe")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint and the same MLflow run")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint and the same MLflow run"
+    )
 
     p = sub.add_parser("describe", help="build the model on the meta device and print its structure")
     _add_config_args(p)
@@ -40,10 +44,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks to run on your own hardware")
     bsub = p.add_subparsers(dest="bench", required=True)
-    b = bsub.add_parser("mixers", help="Mamba-1/Mamba-2 CPU paths vs references; hybrid vs Transformer prefill")
+    b = bsub.add_parser(
+        "mixers", help="Mamba-1/Mamba-2 CPU paths vs references; hybrid vs Transformer prefill"
+    )
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not the issue's figures)")
-    b = bsub.add_parser("model", help="the toolkit's Lightning step vs a plain PyTorch loop on the same model")
+    b = bsub.add_parser(
+        "model", help="the toolkit's Lightning step vs a plain PyTorch loop on the same model"
+    )
     _add_config_args(b)
     b.add_argument("--json", action="store_true")
     b.add_argument("--steps", type=int, default=20)
@@ -54,9 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.train import train
 
     result = train(args.config, args.overrides, stage=args.stage, resume=args.resume)
+    if not result.run_id:  # a non-zero rank of a multi-process run: rank 0 reports
+        return 0
     print()
     for stage in result.stages:
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(stage.metrics.items()) if k.startswith(("val/", "train/loss")))
+        metrics = ", ".join(
+            f"{k}={v:.4f}" for k, v in sorted(stage.metrics.items()) if k.startswith(("val/", "train/loss"))
+        )
         print(f"chimera: {stage.name}: run {stage.run_id}  {metrics}")
         if stage.checkpoint:
             print(f"chimera:   checkpoint {stage.checkpoint}")
@@ -132,7 +144,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    command = "chimera " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "chimera bench " + args.bench
+    command = (
+        "chimera " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "chimera bench " + args.bench
+    )
     if args.bench == "mixers":
         from toolkit.bench import bench_mixers, format_mixers
 

@@ -79,7 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "find_unused_parameters": False,  # ddp only
     },
     "checkpoint": {"every_n_steps": 100, "save_last": True, "keep": 2},
-    "perf": {"peak_tflops": None},  # per-device peak for MFU; None: datasheet value of a known GPU, else no MFU
+    "perf": {
+        "peak_tflops": None
+    },  # per-device peak for MFU; None: datasheet value of a known GPU, else no MFU
     "tracking": {
         "uri": None,  # None: $MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/mlflow.db
         "experiment": "chimera",
@@ -183,7 +185,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ChimeraError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+            raise ChimeraError(
+                f"{COMMAND_LINE}: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)"
+            )
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
     except Exception as exc:
@@ -261,7 +265,13 @@ def check_trainer(node: Any, sources: Sources, prefix: str = "trainer") -> None:
 
     from lightning.pytorch import Trainer
 
-    accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self", "logger", "callbacks", "strategy", "plugins"}
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {
+        "self",
+        "logger",
+        "callbacks",
+        "strategy",
+        "plugins",
+    }
     for key in node:
         if key not in accepted:
             raise ChimeraError(
@@ -272,7 +282,9 @@ def check_trainer(node: Any, sources: Sources, prefix: str = "trainer") -> None:
 
 def check_stages(stages: Any, sources: Sources) -> None:
     if not isinstance(stages, list):
-        raise ChimeraError(f"{sources.of('stages')}: stages: expected a list of stage mappings, got {stages!r}")
+        raise ChimeraError(
+            f"{sources.of('stages')}: stages: expected a list of stage mappings, got {stages!r}"
+        )
     seen = set()
     for i, stage in enumerate(stages):
         where = f"stages[{i}]"
@@ -303,7 +315,9 @@ def check_components(cfg: Any, sources: Sources) -> None:
         if node is None:
             if dotted == "data.val":
                 continue
-            raise ChimeraError(f"{sources.default}: {dotted}: missing; set it to {{name: <a registered {kind}>, ...}}")
+            raise ChimeraError(
+                f"{sources.default}: {dotted}: missing; set it to {{name: <a registered {kind}>, ...}}"
+            )
         try:
             registry.validate(kind, node, dotted)
         except ChimeraError as exc:

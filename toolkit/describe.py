@@ -15,8 +15,8 @@ PART_NAMES = ("encoder", "pooler", "connector", "decoder")
 
 def _vocab_and_image_id(cfg: Any) -> tuple[int, int]:
     """The tokenizer's size and image id; a decoder with an explicit vocab_size needs no tokenizer build."""
-    from toolkit.train import build_tokenizer
     from toolkit.data import image_token_id
+    from toolkit.train import build_tokenizer
 
     tok = build_tokenizer(cfg)
     return len(tok), image_token_id(tok)
@@ -33,7 +33,9 @@ def describe(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str
     cfg = load_config(config_path, overrides)
     vocab, image_id = _vocab_and_image_id(cfg)
     with torch.device("meta"):
-        model = build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=vocab, image_token_id=image_id)
+        model = build_model(
+            OmegaConf.to_container(cfg.model, resolve=True), vocab_size=vocab, image_token_id=image_id
+        )
     select_trainable(model, cfg.optim.get("trainable"))
     total, trainable = count_params(model)
     by_part = {}
@@ -57,7 +59,10 @@ def describe(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str
             "tokens": getattr(model.encoder, "num_tokens", None),
             "width": getattr(model.encoder, "embed_dim", None),
         },
-        "decoder": {"d_model": getattr(decoder, "d_model", None), "vocab_size": getattr(decoder, "vocab_size", None)},
+        "decoder": {
+            "d_model": getattr(decoder, "d_model", None),
+            "vocab_size": getattr(decoder, "vocab_size", None),
+        },
         "pattern": getattr(decoder, "pattern", None),
         "layers": layers,
     }
@@ -68,7 +73,9 @@ def describe(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str
             scfg = stage_config(cfg, stage)
             for p in model.parameters():
                 p.requires_grad_(True)
-            names = select_trainable(model, scfg.optim.get("trainable"), where=f"stages.{stage['name']}.trainable")
+            names = select_trainable(
+                model, scfg.optim.get("trainable"), where=f"stages.{stage['name']}.trainable"
+            )
             info["stages"][str(stage["name"])] = {
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "trainable_parts": sorted({n.split(".")[0] for n in names}),
@@ -90,15 +97,21 @@ def format_description(info: dict[str, Any]) -> str:
     p = info["params"]
     lines = [f"experiment    {info['config']}  (name: {info['name']})"]
     for part, v in p["by_component"].items():
-        lines.append(f"{part:<13} {v['name']:<12} {_m(v['total']):>9} params  {_m(v['trainable']):>9} trainable")
+        lines.append(
+            f"{part:<13} {v['name']:<12} {_m(v['total']):>9} params  {_m(v['trainable']):>9} trainable"
+        )
     lines.append(f"{'total':<13} {'':<12} {_m(p['total']):>9} params  {_m(p['trainable']):>9} trainable")
     enc = info["encoder"]
     grid = "x".join(map(str, enc["grid"])) if enc["grid"] else "n/a"
-    lines.append(f"image tokens  {info['image_tokens']} per image (encoder {enc['image_size']} px, grid {grid}, {enc['tokens']} tokens, width {enc['width']})")
+    lines.append(
+        f"image tokens  {info['image_tokens']} per image (encoder {enc['image_size']} px, grid {grid}, {enc['tokens']} tokens, width {enc['width']})"
+    )
     lines.append(f"pattern       {info['pattern']}")
     if info.get("stages"):
         for name, s in info["stages"].items():
-            lines.append(f"stage         {name:<16} {_m(s['trainable']):>9} trainable  ({', '.join(s['trainable_parts'])})")
+            lines.append(
+                f"stage         {name:<16} {_m(s['trainable']):>9} trainable  ({', '.join(s['trainable_parts'])})"
+            )
     lines.append("layers:")
     for layer in info["layers"]:
         lines.append(f"  {layer['index']:>3}  {layer['letters']:<4} {' + '.join(layer['sublayers'])}")

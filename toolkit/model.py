@@ -70,14 +70,21 @@ class MultimodalModel(nn.Module):
         mask = is_image.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, feats.reshape(-1))
 
-    def forward(self, input_ids: Tensor, images: Tensor | None = None, cache: list[Any] | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, images: Tensor | None = None, cache: list[Any] | None = None
+    ) -> Tensor:
         """input_ids: [B, T], images: [N, 3, H, W] -> logits [B, T, vocab]."""
         hidden = self.decoder(self.embed(input_ids, images), cache=cache)  # [B, T, D]
         return self.decoder.logits(hidden)
 
     @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, images: Tensor | None = None, *, max_new_tokens: int = 32, eos_token_id: int | None = None
+        self,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
     ) -> Tensor:
         """Greedy decoding with the decoder's hybrid cache: one prefill, then one token per step.
 
@@ -102,7 +109,9 @@ def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id
     """Materialize the four parts from config; the decoder's vocab defaults to the tokenizer's size."""
     for part in PARTS:
         if part not in model_cfg or model_cfg[part] is None:
-            raise ChimeraError(f"model.{part}: missing; every model names an encoder, pooler, connector and decoder")
+            raise ChimeraError(
+                f"model.{part}: missing; every model names an encoder, pooler, connector and decoder"
+            )
     decoder_cfg = dict(model_cfg["decoder"])
     if decoder_cfg.get("vocab_size") is None:
         decoder_cfg["vocab_size"] = padded_vocab(vocab_size)
@@ -113,9 +122,17 @@ def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id
             key="model.decoder.vocab_size",
         )
     encoder = build("encoder", model_cfg["encoder"], "model.encoder")
-    pooler = build("pooler", model_cfg["pooler"], "model.pooler", grid=encoder.grid, n_tokens=encoder.num_tokens)
+    pooler = build(
+        "pooler", model_cfg["pooler"], "model.pooler", grid=encoder.grid, n_tokens=encoder.num_tokens
+    )
     decoder = build("decoder", decoder_cfg, "model.decoder")
-    connector = build("connector", model_cfg["connector"], "model.connector", in_dim=encoder.embed_dim, out_dim=decoder.d_model)
+    connector = build(
+        "connector",
+        model_cfg["connector"],
+        "model.connector",
+        in_dim=encoder.embed_dim,
+        out_dim=decoder.d_model,
+    )
     return MultimodalModel(
         encoder,
         pooler,

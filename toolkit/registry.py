@@ -89,7 +89,9 @@ _discovered = False
 
 def _check_kind(kind: str) -> None:
     if kind not in _REGISTRY:
-        raise ChimeraError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+        raise ChimeraError(
+            f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}"
+        )
 
 
 def register(
@@ -243,7 +245,9 @@ def validate(
                 f"{where}.{key}: unknown argument for {kind} '{name}'{did_you_mean(key, params)}; accepted: {accepted}",
                 key=f"{where}.{key}",
             )
-    missing = [p.name for p in params.values() if p.required and p.name not in kwargs and p.name not in derived]
+    missing = [
+        p.name for p in params.values() if p.required and p.name not in kwargs and p.name not in derived
+    ]
     if missing:
         raise ChimeraError(f"{where}: {kind} '{name}' needs {', '.join(missing)}", key=where)
     check = getattr(entry.target, "validate_config", None)

@@ -119,7 +119,9 @@ def start_parent_run(cfg: Any, *, run_name: str, tags: Mapping[str, str]) -> str
     """A parent run for a staged recipe; each stage logs to a child run under it."""
     c = client(tracking_uri(cfg))
     experiment = c.get_experiment_by_name(str(cfg.tracking.experiment))
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(str(cfg.tracking.experiment))
+    experiment_id = (
+        experiment.experiment_id if experiment else c.create_experiment(str(cfg.tracking.experiment))
+    )
     return c.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
 
 

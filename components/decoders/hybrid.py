@@ -109,7 +109,9 @@ class HybridDecoder(nn.Module):
     @classmethod
     def validate_config(cls, kwargs: Mapping[str, Any], where: str) -> None:
         """Config-time checks (no building): the pattern parses and every mixer/ffn argument is known."""
-        cls.resolve_pattern(str(kwargs.get("pattern", "transformer")), kwargs.get("n_layers"), kwargs.get("ssm", "mamba"))
+        cls.resolve_pattern(
+            str(kwargs.get("pattern", "transformer")), kwargs.get("n_layers"), kwargs.get("ssm", "mamba")
+        )
         for group, kind in (("mixers", "mixer"), ("ffns", "ffn")):
             for name, args in (kwargs.get(group) or {}).items():
                 validate(kind, {"name": name, **(args or {})}, f"{where}.{group}.{name}")
@@ -124,11 +126,18 @@ class HybridDecoder(nn.Module):
         return self.embed_tokens(input_ids)
 
     def allocate_cache(
-        self, batch_size: int, max_len: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> list[Any]:
         """One state per layer: a KV cache for attention, conv+SSM states for Mamba, None without a mixer."""
         return [
-            layer.mixer.allocate_cache(batch_size, max_len, device=device, dtype=dtype) if layer.mixer else None
+            layer.mixer.allocate_cache(batch_size, max_len, device=device, dtype=dtype)
+            if layer.mixer
+            else None
             for layer in self.layers
         ]
 
@@ -145,7 +154,12 @@ class HybridDecoder(nn.Module):
 
     def aux_loss(self) -> Tensor | None:
         """Sum of the auxiliary losses (MoE load balancing) set by FFNs in the last forward."""
-        losses = [ffn.aux_loss for layer in self.layers for ffn in layer.ffns if getattr(ffn, "aux_loss", None) is not None]
+        losses = [
+            ffn.aux_loss
+            for layer in self.layers
+            for ffn in layer.ffns
+            if getattr(ffn, "aux_loss", None) is not None
+        ]
         return torch.stack(losses).sum() if losses else None
 
     def shard_units(self) -> list[nn.Module]:

@@ -100,7 +100,11 @@ def parse_layers(pattern: str, mixer_symbols: Mapping[str, str], ffn_symbols: Ma
 
 
 def resolve(
-    spec: str, n_layers: int | None, mixer_symbols: Mapping[str, str], ffn_symbols: Mapping[str, str], ssm: str = "m"
+    spec: str,
+    n_layers: int | None,
+    mixer_symbols: Mapping[str, str],
+    ffn_symbols: Mapping[str, str],
+    ssm: str = "m",
 ) -> list[str]:
     """Preset or explicit pattern -> list of per-layer strings such as ``["m-", "mE", "*-", ...]``."""
     explicit = expand_preset(spec, n_layers, ssm) if n_layers is not None else None

@@ -18,7 +18,9 @@ def default_d_ff(d_model: int, multiple_of: int = 64) -> int:
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); parameter names match Llama/Jamba (gate_proj, up_proj, down_proj)."""
 
-    def __init__(self, d_model: int, *, layer_idx: int = 0, d_ff: int | None = None, bias: bool = False) -> None:
+    def __init__(
+        self, d_model: int, *, layer_idx: int = 0, d_ff: int | None = None, bias: bool = False
+    ) -> None:
         super().__init__()
         d_ff = d_ff or default_d_ff(d_model)
         self.layer_idx = layer_idx

@@ -29,7 +29,9 @@ def rope_cos_sin(
     positions: Tensor, head_dim: int, theta: float, scaling: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos/sin tables [L, head_dim] for (possibly scaled) integer positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
     freqs = torch.outer(positions.float() / scaling, inv_freq)  # [L, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -78,12 +80,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
 
     def allocate_cache(
-        self, batch_size: int, max_len: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> KVCache:
         device = device or self.q_proj.weight.device
         dtype = dtype or self.q_proj.weight.dtype
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
         """x: [B, L, d_model] -> [B, L, d_model]; with ``state``, attend to the cached past and append to it."""

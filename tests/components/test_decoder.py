@@ -53,7 +53,9 @@ def test_megatron_explicit_string():
 
 
 def test_bad_letter_names_position_and_allowed():
-    with pytest.raises(PatternError, match=r"'x' at position 3 is not a layer letter; allowed: '\*' attention, 'm' mamba"):
+    with pytest.raises(
+        PatternError, match=r"'x' at position 3 is not a layer letter; allowed: '\*' attention, 'm' mamba"
+    ):
         parse_layers("m-*x", MIX, FFN)
 
 
@@ -63,9 +65,18 @@ def test_decoder_validate_config_catches_bad_pattern_without_building():
 
 
 def test_decoder_builds_registered_parts_per_letter():
-    dec = build("decoder", {"name": "hybrid", "d_model": 32, "n_layers": 4, "pattern": "jamba", "vocab_size": 50,
-                            "mixers": {"attention": {"n_heads": 4}, "mamba": {"d_state": 4}},
-                            "ffns": {"moe": {"d_ff": 48, "n_experts": 4, "top_k": 2}}})
+    dec = build(
+        "decoder",
+        {
+            "name": "hybrid",
+            "d_model": 32,
+            "n_layers": 4,
+            "pattern": "jamba",
+            "vocab_size": 50,
+            "mixers": {"attention": {"n_heads": 4}, "mamba": {"d_state": 4}},
+            "ffns": {"moe": {"d_ff": 48, "n_experts": 4, "top_k": 2}},
+        },
+    )
     kinds = [(type(layer.mixer).__name__, [type(f).__name__ for f in layer.ffns]) for layer in dec.layers]
     assert kinds[0][0] == "Mamba" and kinds[1][1] == ["MoE"] and kinds[0][1] == ["SwiGLU"]
     assert dec.pattern == "m-mEm-mE"
@@ -77,10 +88,22 @@ def test_decoder_builds_registered_parts_per_letter():
 
 
 def _hybrid(pattern: str, n_layers: int | None) -> HybridDecoder:
-    return build("decoder", {"name": "hybrid", "d_model": 32, "n_layers": n_layers, "pattern": pattern, "vocab_size": 40,
-                             "mixers": {"attention": {"n_heads": 4, "n_kv_heads": 2}, "mamba": {"d_state": 8},
-                                        "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 4}},
-                             "ffns": {"moe": {"d_ff": 40, "n_experts": 3, "top_k": 2}, "mlp": {"d_ff": 48}}}).eval()
+    return build(
+        "decoder",
+        {
+            "name": "hybrid",
+            "d_model": 32,
+            "n_layers": n_layers,
+            "pattern": pattern,
+            "vocab_size": 40,
+            "mixers": {
+                "attention": {"n_heads": 4, "n_kv_heads": 2},
+                "mamba": {"d_state": 8},
+                "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 4},
+            },
+            "ffns": {"moe": {"d_ff": 40, "n_experts": 3, "top_k": 2}, "mlp": {"d_ff": 48}},
+        },
+    ).eval()
 
 
 @pytest.mark.parametrize(("pattern", "n_layers"), [("transformer", 2), ("jamba", 6), ("m-M-*E", None)])
@@ -120,8 +143,8 @@ def test_reference_decoder_matches_transformers_jamba_param_count():
     """LongLLaVA's 9B decoder (Jamba layout, one expert) on the meta device vs transformers' JambaForCausalLM."""
     from transformers import JambaConfig, JambaForCausalLM
 
-    from toolkit.config import load_config
     from tests.conftest import ROOT
+    from toolkit.config import load_config
 
     cfg = load_config(ROOT / "experiments" / "longllava" / "reference.yaml")
     node = dict(cfg.model.decoder)
@@ -129,10 +152,23 @@ def test_reference_decoder_matches_transformers_jamba_param_count():
         ours = build("decoder", node, "model.decoder")
         hf = JambaForCausalLM(
             JambaConfig(
-                vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, num_experts=1, num_experts_per_tok=1,
-                expert_layer_period=2, expert_layer_offset=1, attn_layer_period=8, attn_layer_offset=4,
-                mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256, tie_word_embeddings=False,
+                vocab_size=65536,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                num_experts=1,
+                num_experts_per_tok=1,
+                expert_layer_period=2,
+                expert_layer_offset=1,
+                attn_layer_period=8,
+                attn_layer_offset=4,
+                mamba_d_state=16,
+                mamba_d_conv=4,
+                mamba_expand=2,
+                mamba_dt_rank=256,
+                tie_word_embeddings=False,
                 use_mamba_kernels=False,
             )
         )

@@ -43,7 +43,10 @@ def test_describe_reference_on_meta_device():
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(ROOT / "experiments/longllava/reference.yaml")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout.strip().splitlines()[-1])
@@ -51,12 +54,19 @@ def test_describe_reference_on_meta_device():
     assert info["encoder"]["grid"] == [24, 24] and info["encoder"]["width"] == 1024
     parts = info["params"]["by_component"]
     assert set(parts) == {"encoder", "pooler", "connector", "decoder"}
-    assert parts["encoder"]["trainable"] == 0 and parts["connector"]["trainable"] == parts["connector"]["total"]
+    assert (
+        parts["encoder"]["trainable"] == 0 and parts["connector"]["trainable"] == parts["connector"]["total"]
+    )
     assert parts["connector"]["total"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # mlp2x_gelu
     assert 9.0e9 < parts["decoder"]["total"] < 9.6e9
     assert info["params"]["total"] == sum(p["total"] for p in parts.values())
     layers = info["layers"]
-    assert len(layers) == 32 and [layer["index"] for layer in layers if layer["letters"][0] == "*"] == [4, 12, 20, 28]
+    assert len(layers) == 32 and [layer["index"] for layer in layers if layer["letters"][0] == "*"] == [
+        4,
+        12,
+        20,
+        28,
+    ]
     assert info["peak_rss_gb"] < 4  # 9.6B fp32 weights would be ~38 GB: nothing was allocated
 
 
@@ -70,7 +80,10 @@ def test_describe_text(tiny_experiment, capsys):
 def test_train_end_to_end_logs_to_mlflow(tiny_experiment, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "toolkit.cli", "train", str(tiny_experiment), "optim.lr=3e-3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MLflow run id" in out.stdout

@@ -24,18 +24,25 @@ def test_merge_replaces_a_component_whose_name_changes():
     base = {"model": {"connector": {"name": "mlp", "depth": 3}}, "x": {"a": 1, "b": 2}, "name": "a"}
     swapped = merge(base, {"model": {"connector": {"name": "linear"}}})
     assert swapped == {"model": {"connector": {"name": "linear"}}, "x": {"a": 1, "b": 2}, "name": "a"}
-    assert merge(base, {"model": {"connector": {"depth": 4}}})["model"]["connector"] == {"name": "mlp", "depth": 4}
+    assert merge(base, {"model": {"connector": {"depth": 4}}})["model"]["connector"] == {
+        "name": "mlp",
+        "depth": 4,
+    }
     assert merge(base, {"x": {"b": 3}})["x"] == {"a": 1, "b": 3}
     # only component nodes follow the rule: a run name or a strategy name merges like any value
     assert merge(base, {"name": "b"}) == {**base, "name": "b"}
-    strategy = merge({"strategy": {"name": "auto", "activation_checkpointing": False}}, {"strategy": {"name": "fsdp"}})
+    strategy = merge(
+        {"strategy": {"name": "auto", "activation_checkpointing": False}}, {"strategy": {"name": "fsdp"}}
+    )
     assert strategy["strategy"] == {"name": "fsdp", "activation_checkpointing": False}
 
 
 def test_base_inheritance_relative_paths_and_order(tmp_path):
     write(tmp_path / "base" / "a.yaml", {"seed": 1, "optim": {"lr": 0.1, "warmup_steps": 5}})
     write(tmp_path / "base" / "b.yaml", {"seed": 2, "model": TINY_MODEL})
-    exp = write(tmp_path / "exp" / "e.yaml", {"base": ["../base/a.yaml", "../base/b.yaml"], "optim": {"lr": 0.5}})
+    exp = write(
+        tmp_path / "exp" / "e.yaml", {"base": ["../base/a.yaml", "../base/b.yaml"], "optim": {"lr": 0.5}}
+    )
     cfg = load_config(exp, ["trainer.max_steps=7"])
     assert cfg.seed == 2  # later base wins
     assert cfg.optim.lr == 0.5 and cfg.optim.warmup_steps == 5  # the file wins over its bases, merged deeply
@@ -54,11 +61,26 @@ def test_one_line_component_swap(tiny_experiment):
     ("override", "pattern"),
     [
         ("optim.lrr=1", r"command line: optim.lrr: unknown key \(did you mean 'lr'\?\)"),
-        ("model.pooler.strid=2", r"command line: model.pooler.strid: unknown argument for pooler 'pool2d' \(did you mean 'stride'\?\)"),
-        ("model.encoder.name=timm_vt", r"command line: model.encoder.name: unknown encoder 'timm_vt' \(did you mean 'timm_vit'\?\)"),
-        ("trainer.max_step=3", r"command line: trainer.max_step: not an argument of lightning.Trainer \(did you mean 'max_steps'\?\)"),
-        ("model.decoder.pattern=m-q-", r"model.decoder.pattern: .*'q' at position 2 is not a layer letter; allowed: '\*' attention"),
-        ("model.decoder.mixers.mamba.d_stat=3", r"model.decoder.mixers.mamba.d_stat: unknown argument for mixer 'mamba'"),
+        (
+            "model.pooler.strid=2",
+            r"command line: model.pooler.strid: unknown argument for pooler 'pool2d' \(did you mean 'stride'\?\)",
+        ),
+        (
+            "model.encoder.name=timm_vt",
+            r"command line: model.encoder.name: unknown encoder 'timm_vt' \(did you mean 'timm_vit'\?\)",
+        ),
+        (
+            "trainer.max_step=3",
+            r"command line: trainer.max_step: not an argument of lightning.Trainer \(did you mean 'max_steps'\?\)",
+        ),
+        (
+            "model.decoder.pattern=m-q-",
+            r"model.decoder.pattern: .*'q' at position 2 is not a layer letter; allowed: '\*' attention",
+        ),
+        (
+            "model.decoder.mixers.mamba.d_stat=3",
+            r"model.decoder.mixers.mamba.d_stat: unknown argument for mixer 'mamba'",
+        ),
         ("model.connector.in_dim=3", r"model.connector.in_dim: is derived"),
         ("optim.lr", r"not of the form key=value"),
     ],

@@ -32,13 +32,21 @@ def test_build_checks_keys_before_building():
             built.append(depth)
 
     try:
-        with pytest.raises(ChimeraError, match=r"model.connector.deph: unknown argument .*did you mean 'depth'"):
-            registry.build("connector", {"name": "_probe_connector", "deph": 3}, "model.connector", in_dim=1, out_dim=2)
+        with pytest.raises(
+            ChimeraError, match=r"model.connector.deph: unknown argument .*did you mean 'depth'"
+        ):
+            registry.build(
+                "connector", {"name": "_probe_connector", "deph": 3}, "model.connector", in_dim=1, out_dim=2
+            )
         assert built == []  # nothing was constructed
-        registry.build("connector", {"name": "_probe_connector", "depth": 3}, "model.connector", in_dim=1, out_dim=2)
+        registry.build(
+            "connector", {"name": "_probe_connector", "depth": 3}, "model.connector", in_dim=1, out_dim=2
+        )
         assert built == [3]
         with pytest.raises(ChimeraError, match="in_dim: is derived"):
-            registry.build("connector", {"name": "_probe_connector", "in_dim": 3}, "model.connector", in_dim=1, out_dim=2)
+            registry.build(
+                "connector", {"name": "_probe_connector", "in_dim": 3}, "model.connector", in_dim=1, out_dim=2
+            )
     finally:
         registry._REGISTRY["connector"].pop("_probe_connector")
 
