@@ -3,8 +3,12 @@
 - Mamba-1: our mixer vs transformers' ``MambaMixer`` on its pure-PyTorch path (the path it takes without
   ``mamba_ssm``), same weights, B=2, L=512, d_model=256, d_state=16; then ours alone at L=2048 (transformers'
   path needs minutes there: it is not measured, and nothing is extrapolated).
-- Mamba-2: the chunked SSD scan vs the sequential reference recurrence (``ssm_scan.ssd_ref``) on identical
-  inputs at L=2048, plus the whole Mamba-2 mixer at that length.
+- Mamba-2: the chunked SSD scan (reached through the built mixer's ``ssd``) vs a per-step recurrence kept in
+  this module (``_ssd_sequential``) on identical inputs at L=2048, plus the whole Mamba-2 mixer at that length.
+  transformers' ``Mamba2Mixer`` is not the baseline: its PyTorch path is itself a chunked SSD, and with
+  ``mamba_ssm`` installed it calls the Triton kernels whatever the tensors' device.
+
+Mixers are built through the registry (as a config would build them), never imported from ``components``.
 
 Each pair is timed side by side in one run (alternating), after one warm-up, and the median of the repeats is
 reported, so ratios stay honest on a noisy machine. A baseline whose warm-up alone takes more than
@@ -21,6 +25,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from toolkit import registry
 
 SLOW_S = 5.0
 TARGET_MAMBA1 = 30.0  # speedup over transformers' slow path at L=512
@@ -74,12 +81,12 @@ def _mamba1(quick: bool, repeats: int) -> dict[str, Any]:
     from transformers import MambaConfig
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
-    from components.mixers.mamba import Mamba
-
     batch, d_model, d_state = 2, (64 if quick else 256), 16
     length, long_length = (32, 128) if quick else (512, 2048)
     torch.manual_seed(0)
-    ours = Mamba(d_model, d_state=d_state, use_kernels="never")
+    ours = registry.build(
+        "mixer", {"name": "mamba", "d_state": d_state, "use_kernels": "never"}, "bench.mamba", d_model=d_model
+    )
     config = MambaConfig(
         hidden_size=d_model,
         state_size=d_state,
@@ -117,33 +124,68 @@ def _mamba1(quick: bool, repeats: int) -> dict[str, Any]:
     }
 
 
-def _mamba2(quick: bool, repeats: int) -> dict[str, Any]:
-    from components.mixers.mamba2 import Mamba2
-    from components.mixers.ssm_scan import SSD_CHUNK, ssd_chunked, ssd_ref
+def _ssd_sequential(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+) -> torch.Tensor:
+    """The Mamba-2 recurrence one step per token, in fp32: the baseline of the chunked SSD.
 
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t`` per head, with dt softplus'd.
+    x: [B, L, H, P]; dt: [B, L, H] (before dt_bias); A, D, dt_bias: [H]; B, C: [B, L, G, N] -> y [B, L, H, P].
+    """
+    batch, _, nheads, headdim = x.shape
+    per_group = nheads // B.shape[2]
+    dt = F.softplus(dt.float() + dt_bias.float())
+    A = A.float()
+    B = B.float().repeat_interleave(per_group, dim=2)  # [B, L, H, N]
+    C = C.float().repeat_interleave(per_group, dim=2)
+    h = x.new_zeros(batch, nheads, headdim, B.shape[-1], dtype=torch.float32)
+    ys = []
+    for x_t, dt_t, b_t, c_t in zip(x.float().unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
+        decay = torch.exp(dt_t * A)[..., None, None]  # [B, H, 1, 1]
+        h = decay * h + (x_t * dt_t.unsqueeze(-1)).unsqueeze(-1) * b_t.unsqueeze(-2)
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, c_t))
+    return (torch.stack(ys, dim=1) + x.float() * D.float().view(nheads, 1)).to(x.dtype)
+
+
+def _mamba2(quick: bool, repeats: int) -> dict[str, Any]:
     batch, d_model, d_state, headdim = 2, (64 if quick else 256), (16 if quick else 64), (16 if quick else 64)
     length = 128 if quick else 2048
     torch.manual_seed(0)
-    mixer = Mamba2(d_model, d_state=d_state, headdim=headdim, use_kernels="never")
+    mixer = registry.build(
+        "mixer",
+        {"name": "mamba2", "d_state": d_state, "headdim": headdim, "use_kernels": "never"},
+        "bench.mamba2",
+        d_model=d_model,
+    )
     nheads = mixer.nheads
     # scan inputs shaped and scaled as the mixer produces them at initialisation
     x = torch.randn(batch, length, nheads, headdim, requires_grad=True)
     dt = torch.randn(batch, length, nheads, requires_grad=True)
     B = torch.randn(batch, length, 1, d_state, requires_grad=True)
     C = torch.randn(batch, length, 1, d_state, requires_grad=True)
-    A = -torch.exp(mixer.A_log.detach())
     leaves = (x, dt, B, C)
 
-    def scan(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    def scan(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             for t in leaves:
                 t.grad = None
-            y = fn(x, dt, A, B, C, D=mixer.D.detach(), dt_bias=mixer.dt_bias.detach(), dt_softplus=True)
-            y.square().mean().backward()
+            mixer.zero_grad(set_to_none=True)  # both scans read A_log, D and dt_bias from the mixer
+            fn().square().mean().backward()
 
         return run
 
-    res = _side_by_side({"chunked": scan(ssd_chunked), "sequential": scan(ssd_ref)}, repeats)
+    def sequential() -> torch.Tensor:
+        return _ssd_sequential(x, dt, -torch.exp(mixer.A_log.float()), B, C, mixer.D, mixer.dt_bias)
+
+    res = _side_by_side(
+        {"chunked": scan(lambda: mixer.ssd(x, dt, B, C)), "sequential": scan(sequential)}, repeats
+    )
     u = torch.randn(batch, length, d_model, requires_grad=True)
     whole = _side_by_side({"mixer": _fwd_bwd(mixer, u)}, repeats)
     return {
@@ -153,7 +195,7 @@ def _mamba2(quick: bool, repeats: int) -> dict[str, Any]:
         "d_state": d_state,
         "headdim": headdim,
         "nheads": nheads,
-        "chunk": SSD_CHUNK,
+        "chunk": mixer.torch_chunk_size,
         "chunked_s": res["chunked"]["s"],
         "sequential_s": res["sequential"]["s"],
         "speedup_vs_sequential": res["sequential"]["s"] / res["chunked"]["s"],

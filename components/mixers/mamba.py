@@ -10,8 +10,9 @@ LongLLaVA uses them)::
                  │                             └──────────────── u ──────────────────── selective scan ─ y
                  └─ z ──────────────────────────────────────────────────────── y * silu(z) ─ out_proj ─►
 
-Paths: on CUDA tensors with ``mamba_ssm`` and ``causal_conv1d`` importable, their kernels run; otherwise the
-pure-PyTorch path in ``ssm_scan.py`` computes the same math (fp32 scan) with the same parameters.
+Paths: on CUDA tensors with ``mamba_ssm`` and ``causal_conv1d`` importable (probed lazily in ``kernels.py``),
+their kernels run; otherwise the pure-PyTorch path (``causal_conv.py``, ``selective_scan.py``) computes the same
+math (fp32 scan) with the same parameters.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.mixers.ssm_scan import (
-    SSMState,
-    causal_conv1d,
-    check_use_kernels,
-    conv_step,
-    last_inputs,
-    log_path_once,
-    mamba1_kernels,
-    select_kernels,
-    selective_scan,
-)
+from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
+from components.mixers.kernels import check_use_kernels, log_path_once, mamba1_kernels, select_kernels
+from components.mixers.selective_scan import selective_scan
+from components.mixers.ssm_state import SSMState, keep_last_state
 from toolkit.registry import register
 
 
@@ -200,12 +194,7 @@ class Mamba(nn.Module):
             initial_state=state.ssm_state if state is not None and state.seqlen_offset > 0 else None,
             return_last_state=state is not None,
         )
-        if state is not None:
-            y, last = result
-            state.ssm_state.copy_(last)
-        else:
-            y = result
-        return self.out_proj(y)
+        return self.out_proj(keep_last_state(result, state))
 
     def _forward_kernels(self, x: Tensor, state: MambaState | None, k) -> Tensor:
         """mamba_ssm's CUDA path (``Mamba.forward``); a fresh ``state`` is filled as mamba_ssm's prefill does."""
@@ -230,6 +219,9 @@ class Mamba(nn.Module):
                 delta_softplus=True,
             )
         xs, z = xz.chunk(2, dim=1)
+        # xs is channel-last in memory; causal_conv1d_fn's channel-last kernel needs d_inner % 8 == 0 and
+        # 8-aligned strides, its channel-first one does not
+        xs = xs.contiguous()
         if state is not None:
             state.conv_state.copy_(F.pad(xs, (self.d_conv - seqlen, 0)))
         u = k.causal_conv1d_fn(xs, weight, self.conv1d.bias, activation="silu")  # [B, d_inner, L]
@@ -246,12 +238,7 @@ class Mamba(nn.Module):
             delta_softplus=True,
             return_last_state=state is not None,
         )
-        if state is not None:
-            y, last = result
-            state.ssm_state.copy_(last)
-        else:
-            y = result
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(keep_last_state(result, state).transpose(1, 2))  # y: [B, d_inner, L]
 
     def _step(self, x: Tensor, state: MambaState, k) -> Tensor:
         """One token. x: [B, d_model] -> [B, 1, d_model]; updates ``state`` in place (mamba_ssm's ``step``)."""

@@ -9,8 +9,9 @@ Parameter names and shapes are exactly those of ``mamba_ssm.Mamba2`` (``in_proj`
                  ├─ x, B, C ─ causal conv1d ─ SiLU ─ SSD scan (heads) ─ y ─ gated RMSNorm(y, z) ─ out_proj ─►
                  └─ dt (one per head) ────────────────┘
 
-On CUDA with ``mamba_ssm`` importable, ``mamba_chunk_scan_combined`` (Triton) runs the scan with ``chunk_size``;
-otherwise the pure-PyTorch chunked SSD in ``ssm_scan.py`` computes the same math with a CPU-sized chunk.
+On CUDA with ``mamba_ssm`` importable (probed lazily in ``kernels.py``), ``mamba_chunk_scan_combined`` (Triton)
+runs the scan with ``chunk_size``; otherwise the pure-PyTorch chunked SSD in ``ssd.py`` computes the same math
+with a CPU-sized chunk (``SSD_CHUNK``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.mixers.ssm_scan import (
-    SSD_CHUNK,
-    SSMState,
-    causal_conv1d,
-    check_use_kernels,
-    conv_step,
-    last_inputs,
-    mamba2_kernels,
-    select_kernels,
-    ssd_chunked,
-)
+from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
+from components.mixers.kernels import check_use_kernels, mamba2_kernels, select_kernels
+from components.mixers.ssd import SSD_CHUNK, ssd_chunked
+from components.mixers.ssm_state import SSMState, keep_last_state
 from toolkit.registry import register
 
 
@@ -229,7 +223,11 @@ class Mamba2(nn.Module):
         weight = self.conv1d.weight.squeeze(1)
         fresh = state is None or state.seqlen_offset == 0
         if k is not None and k.causal_conv1d_fn is not None and fresh:
-            conv_out = k.causal_conv1d_fn(xBC_t, weight, bias=self.conv1d.bias, activation="silu")
+            # channel-first copy: the channel-last kernel needs conv_dim % 8 == 0 and 8-aligned strides, and
+            # xBC_t's strides are in_proj's width (2 d_inner + 2 ngroups d_state + nheads)
+            conv_out = k.causal_conv1d_fn(
+                xBC_t.contiguous(), weight, bias=self.conv1d.bias, activation="silu"
+            )
         else:
             prefix = None if state is None else state.conv_state[..., 1:]
             conv_out = causal_conv1d(xBC_t, weight, self.conv1d.bias, prefix=prefix)
@@ -243,10 +241,44 @@ class Mamba2(nn.Module):
         xs = xs.unflatten(-1, (self.nheads, self.headdim))  # [B, L, H, P]
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # [B, L, G, N]
         C = C.unflatten(-1, (self.ngroups, self.d_state))
-        A = -torch.exp(self.A_log.float())
         initial = None if fresh else state.ssm_state
+        y = keep_last_state(self._scan(xs, dt, B, C, initial, state is not None, k), state)
+        return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
+
+    @property
+    def torch_chunk_size(self) -> int:
+        """The chunk of the PyTorch SSD path (``SSD_CHUNK``, sized for CPUs); ``chunk_size`` is the kernel's."""
+        return SSD_CHUNK
+
+    def ssd(
+        self,
+        x: Tensor,
+        dt: Tensor,
+        B: Tensor,
+        C: Tensor,
+        initial_state: Tensor | None = None,
+        return_final_state: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The SSD scan alone, with this mixer's ``A_log``, ``D`` and ``dt_bias``: the step of ``forward`` between
+        the causal conv and the gated norm (``mamba_chunk_scan_combined`` with the CUDA kernels, else
+        ``ssd_chunked`` with ``torch_chunk_size``).
+
+        Args:
+            x: [B, L, nheads, headdim]. dt: [B, L, nheads], before ``dt_bias`` and softplus.
+            B, C: [B, L, ngroups, d_state]. initial_state: [B, nheads, headdim, d_state] (zeros when None).
+        Returns:
+            y [B, L, nheads, headdim], and the final state [B, nheads, headdim, d_state] when
+            ``return_final_state``.
+        """
+        kernels = select_kernels(self.use_kernels, mamba2_kernels, x, "mamba2")
+        return self._scan(x, dt, B, C, initial_state, return_final_state, kernels)
+
+    def _scan(
+        self, xs: Tensor, dt: Tensor, B: Tensor, C: Tensor, initial: Tensor | None, return_final: bool, k
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        A = -torch.exp(self.A_log.float())
         if k is not None:
-            result = k.mamba_chunk_scan_combined(
+            return k.mamba_chunk_scan_combined(
                 xs,
                 dt,
                 A,
@@ -258,28 +290,21 @@ class Mamba2(nn.Module):
                 dt_bias=self.dt_bias,
                 dt_softplus=True,
                 initial_states=initial,
-                return_final_states=state is not None,
+                return_final_states=return_final,
             )
-        else:
-            result = ssd_chunked(
-                xs,
-                dt,
-                A,
-                B,
-                C,
-                D=self._D(),
-                dt_bias=self.dt_bias,
-                dt_softplus=True,
-                initial_state=initial,
-                return_final_state=state is not None,
-                chunk_size=SSD_CHUNK,
-            )
-        if state is not None:
-            y, last = result
-            state.ssm_state.copy_(last)
-        else:
-            y = result
-        return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
+        return ssd_chunked(
+            xs,
+            dt,
+            A,
+            B,
+            C,
+            D=self._D(),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            initial_state=initial,
+            return_final_state=return_final,
+            chunk_size=self.torch_chunk_size,
+        )
 
     def _step(self, x: Tensor, state: Mamba2State, k) -> Tensor:
         """One token. x: [B, d_model] -> [B, d_model]; updates ``state`` in place (mamba_ssm's ``step``)."""

@@ -11,9 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from components.mixers import kernels as mixer_kernels
 from components.mixers import mamba as mamba_module
-from components.mixers import ssm_scan
 from components.mixers.mamba import Mamba, MambaState
+from components.mixers.selective_scan import selective_scan
+from tests.components.kernel_parity import (
+    assert_kernel_decoding_matches,
+    assert_kernel_path_matches,
+    skip_without_kernels,
+)
+from tests.components.ssm_reference import selective_scan_ref
 from toolkit.errors import ChimeraError
 from toolkit.registry import build, get
 
@@ -56,9 +63,9 @@ def reference_forward(m: Mamba, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(ys, dim=1) @ m.out_proj.weight.T
 
 
-def make(**kwargs) -> Mamba:
+def make(d_model: int = D_MODEL, use_kernels: str = "never", **kwargs) -> Mamba:
     torch.manual_seed(0)
-    m = Mamba(D_MODEL, d_state=8, use_kernels="never", **kwargs)
+    m = Mamba(d_model, d_state=8, use_kernels=use_kernels, **kwargs)
     with torch.no_grad():  # non-trivial norms and larger time steps than the init, so every term matters
         if m.inner_norms:
             for norm in (m.dt_layernorm, m.b_layernorm, m.c_layernorm):
@@ -100,7 +107,7 @@ def test_scan_function_matches_its_reference_with_initial_state_and_last_state()
     Dp, bias, h0 = torch.randn(D), torch.randn(D), torch.randn(Bsz, D, N)
     inputs = [u, dt, A, Bm, C, Dp, z, bias, h0]
     results = []
-    for fn, dtype in ((ssm_scan.selective_scan, torch.float32), (ssm_scan.selective_scan_ref, torch.float64)):
+    for fn, dtype in ((selective_scan, torch.float32), (selective_scan_ref, torch.float64)):
         leaves = [t.to(dtype, copy=True).requires_grad_() for t in inputs]
         *args, h = leaves
         y, last = fn(*args, delta_softplus=True, initial_state=h, return_last_state=True)
@@ -236,7 +243,7 @@ def test_use_kernels_auto_on_cpu_runs_the_torch_path_and_says_so(monkeypatch, ca
         raise AssertionError("the kernels must not be probed for CPU tensors")
 
     monkeypatch.setattr(mamba_module, "mamba1_kernels", no_probe)
-    monkeypatch.setattr(ssm_scan, "_LOGGED", set())
+    monkeypatch.setattr(mixer_kernels, "_LOGGED", set())
     m = Mamba(D_MODEL, d_state=4)  # auto
     with caplog.at_level(logging.INFO, logger="chimera"):
         m(torch.randn(1, 3, D_MODEL))
@@ -274,7 +281,7 @@ def stub_selective_scan_fn(
     # u, delta, z: [B, D, L]; B, C: [B, N, L]
     assert u.shape == delta.shape and B.shape[-1] == u.shape[-1] and B.shape[1] == A.shape[1]
     t = lambda v: None if v is None else v.transpose(1, 2)  # noqa: E731
-    y, last = ssm_scan.selective_scan_ref(
+    y, last = selective_scan_ref(
         t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias, delta_softplus, return_last_state=True
     )
     return (t(y), last) if return_last_state else t(y)
@@ -323,15 +330,35 @@ def test_kernel_path_computes_the_torch_path_s_math(monkeypatch, inner_norms):
     assert (torch.cat(outs, dim=1) - torch_full).abs().max() <= 1e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# --- the real CUDA kernels against the PyTorch path (skipped, with the reason, without CUDA or mamba_ssm) ------
+
+KERNEL_CASES = {  # name: (d_model, inner_norms, length)
+    "fused": (32, False, LENGTH),  # mamba_inner_fn, d_inner 64
+    "fused-d_inner36": (18, False, 130),  # d_inner 36: not a multiple of 8
+    "norms-d_inner36": (18, True, LENGTH),  # causal_conv1d_fn + selective_scan_fn (Jamba's inner norms)
+}
+
+
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
-    m = make(inner_norms=False)
-    x = torch.randn(BATCH, LENGTH, D_MODEL)
-    with torch.no_grad():
-        cpu = m(x)
-        gpu = m.cuda()(x.cuda()).cpu()
-    assert (cpu - gpu).abs().max() <= 1e-3
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype):
+    skip_without_kernels(mixer_kernels.mamba1_kernels)
+    d_model, inner_norms, length = KERNEL_CASES[case]
+    ref = make(d_model, inner_norms=inner_norms)
+    kernel_mixer = make(d_model, use_kernels="always", inner_norms=inner_norms)
+    assert_kernel_path_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inner_norms", [False, True])
+def test_cuda_kernel_decoding_matches_the_torch_forward(inner_norms):
+    """Prefill (causal_conv1d_fn + selective_scan_fn), continuation, then causal_conv1d_update and
+    selective_state_update one token at a time."""
+    skip_without_kernels(mixer_kernels.mamba1_kernels)
+    ref = make(18, inner_norms=inner_norms)
+    kernel_mixer = make(18, use_kernels="always", inner_norms=inner_norms)
+    assert_kernel_decoding_matches(ref, kernel_mixer, torch.randn(BATCH, LENGTH, 18), split=20)
 
 
 def test_mixer_bench_quick_runs_and_formats():

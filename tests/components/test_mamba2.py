@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from components.mixers import mamba2 as mamba2_module
-from components.mixers import ssm_scan
+from components.mixers.kernels import mamba2_kernels
 from components.mixers.mamba2 import Mamba2, Mamba2State
+from components.mixers.ssd import ssd_chunked
+from tests.components.kernel_parity import (
+    assert_kernel_decoding_matches,
+    assert_kernel_path_matches,
+    skip_without_kernels,
+)
+from tests.components.ssm_reference import ssd_ref
 from toolkit.errors import ChimeraError
 from toolkit.registry import build, get
 
@@ -67,9 +74,9 @@ CONFIGS = {
 }
 
 
-def make(**kwargs) -> Mamba2:
+def make(d_model: int = D_MODEL, use_kernels: str = "never", **kwargs) -> Mamba2:
     torch.manual_seed(0)
-    m = Mamba2(D_MODEL, use_kernels="never", **kwargs)
+    m = Mamba2(d_model, use_kernels=use_kernels, **kwargs)
     with torch.no_grad():  # larger time steps than the init, non-trivial D and norm weights
         m.dt_bias.add_(1.0)
         m.D.uniform_(0.5, 1.5)
@@ -111,7 +118,7 @@ def test_ssd_chunked_matches_its_reference_with_initial_and_final_state(chunk):
     D, bias, h0 = torch.randn(H), torch.randn(H), torch.randn(Bsz, H, P, N)
     inputs = [x, dt, A, B, C, D, bias, h0]
     results = []
-    for fn, kwargs in ((ssm_scan.ssd_chunked, {"chunk_size": chunk}), (ssm_scan.ssd_ref, {})):
+    for fn, kwargs in ((ssd_chunked, {"chunk_size": chunk}), (ssd_ref, {})):
         leaves = [t.clone().requires_grad_() for t in inputs]
         *args, h = leaves
         y, last = fn(*args, dt_softplus=True, initial_state=h, return_final_state=True, **kwargs)
@@ -120,6 +127,69 @@ def test_ssd_chunked_matches_its_reference_with_initial_and_final_state(chunk):
     for ours, ref in zip(*results):
         assert torch.isfinite(ours).all()
         assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("config", ["default", "groups"])
+def test_matches_transformers_mamba2_mixer_outputs_and_gradients(config):
+    """transformers' Mamba2Mixer on its PyTorch path (its own chunked SSD, chunk 16 here), same weights."""
+    if mamba2_kernels()[0] is not None:
+        pytest.skip("with mamba_ssm importable transformers sends CPU tensors to the Triton kernels")
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    m = make(**(CONFIGS["default"] if config == "default" else dict(d_state=8, headdim=8, ngroups=2)))
+    hf_config = Mamba2Config(
+        hidden_size=D_MODEL,
+        state_size=m.d_state,
+        expand=2,
+        head_dim=m.headdim,
+        num_heads=m.nheads,
+        n_groups=m.ngroups,
+        conv_kernel=m.d_conv,
+        chunk_size=16,
+        use_bias=False,
+        use_conv_bias=True,
+        layer_norm_epsilon=m.norm.eps,
+        num_hidden_layers=1,
+    )
+    theirs = Mamba2Mixer(hf_config, layer_idx=0)  # training mode: its fused kernel is absent, PyTorch runs
+    theirs.load_state_dict(m.state_dict())  # names and shapes match
+    x = torch.randn(BATCH, LENGTH, D_MODEL)
+    out, g = grads(m, x, m)
+    ref, g_ref = grads(theirs, x, theirs)
+    assert (out - ref).abs().max() <= 1e-4
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert (g[name] - g_ref[name]).abs().max() <= 1e-4, name
+
+
+def test_ssd_chunked_on_an_empty_sequence_passes_the_state_through():
+    x, dt, A = torch.randn(2, 0, 4, 8), torch.randn(2, 0, 4), -torch.rand(4)
+    B = C = torch.randn(2, 0, 2, 16)
+    h0 = torch.randn(2, 4, 8, 16)
+    y, last = ssd_chunked(x, dt, A, B, C, torch.randn(4), initial_state=h0, return_final_state=True)
+    assert y.shape == x.shape and torch.equal(last, h0)
+    y, last = ssd_chunked(x, dt, A, B, C, return_final_state=True)
+    assert torch.equal(last, torch.zeros(2, 4, 8, 16))
+
+
+def test_mixer_ssd_method_and_the_bench_baseline_compute_the_reference_scan():
+    """``Mamba2.ssd`` (what ``chimera bench mixers`` times) and the bench's sequential baseline."""
+    from toolkit.bench_mixers import _ssd_sequential
+
+    m = make(**CONFIGS["default"])
+    H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
+    x, dt = torch.randn(BATCH, LENGTH, H, P), torch.randn(BATCH, LENGTH, H)
+    B, C, h0 = torch.randn(BATCH, LENGTH, G, N), torch.randn(BATCH, LENGTH, G, N), torch.randn(BATCH, H, P, N)
+    A = -torch.exp(m.A_log)
+    with torch.no_grad():
+        want, want_last = ssd_ref(x, dt, A, B, C, m.D, m.dt_bias, True, h0, return_final_state=True)
+        y, last = m.ssd(x, dt, B, C, initial_state=h0, return_final_state=True)
+        baseline = _ssd_sequential(x, dt, A, B, C, m.D, m.dt_bias)
+        no_state = ssd_ref(x, dt, A, B, C, m.D, m.dt_bias, True)
+    assert m.torch_chunk_size == mamba2_module.SSD_CHUNK
+    assert (y - want).abs().max() <= 1e-4 and (last - want_last).abs().max() <= 1e-4
+    assert (baseline - no_state).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("config", ["default", "groups+hdimD+mlp"])
@@ -181,7 +251,7 @@ def test_use_kernels_always_without_kernels_fails_at_construction(monkeypatch):
 
 def test_use_kernels_always_on_this_cpu_machine_names_what_is_missing():
     """No test double: on a machine without mamba_ssm the real probe fails and the error says so."""
-    if ssm_scan.mamba2_kernels()[0] is not None:
+    if mamba2_kernels()[0] is not None:
         pytest.skip("mamba_ssm is installed here")
     with pytest.raises(ChimeraError, match=r"mamba_ssm.*pip install 'chimera-toolkit\[gpu\]'"):
         Mamba2(D_MODEL, use_kernels="always")
@@ -211,9 +281,7 @@ def test_registered_with_pattern_letter():
 def stub_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                     dt_softplus=False, return_final_states=False):  # fmt: skip
     assert chunk_size == 256 and z is None  # the module's GPU chunk; rmsnorm gating happens outside
-    y, last = ssm_scan.ssd_ref(
-        x, dt, A, B, C, D, dt_bias, dt_softplus, initial_states, return_final_state=True
-    )
+    y, last = ssd_ref(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_states, return_final_state=True)
     return (y, last) if return_final_states else y
 
 
@@ -262,12 +330,33 @@ def test_kernel_path_computes_the_torch_path_s_math(monkeypatch, config):
     assert (torch.cat(outs, dim=1) - torch_full).abs().max() <= 1e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# --- the real CUDA kernels against the PyTorch path (skipped, with the reason, without CUDA or mamba_ssm) ------
+
+KERNEL_CASES = {  # name: (d_model, mixer kwargs, length)
+    "default": (D_MODEL, dict(CONFIGS["default"]), LENGTH),  # 4 heads, one partial chunk of 256
+    "5heads-chunk32": (40, dict(d_state=16, headdim=16, chunk_size=32), 100),  # L not a multiple of the chunk
+    "groups+hdimD+mlp": (D_MODEL, dict(CONFIGS["groups+hdimD+mlp"], chunk_size=32), LENGTH),  # 6 heads
+}
+
+
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
-    m = make(**CONFIGS["default"])
-    x = torch.randn(BATCH, LENGTH, D_MODEL)
-    with torch.no_grad():
-        cpu = m(x)
-        gpu = m.cuda()(x.cuda()).cpu()
-    assert (cpu - gpu).abs().max() <= 1e-3
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype):
+    skip_without_kernels(mamba2_kernels)
+    d_model, kwargs, length = KERNEL_CASES[case]
+    ref = make(d_model, **kwargs)
+    kernel_mixer = make(d_model, use_kernels="always", **kwargs)
+    assert_kernel_path_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["5heads-chunk32", "groups+hdimD+mlp"])
+def test_cuda_kernel_decoding_matches_the_torch_forward(case):
+    """Prefill (causal_conv1d_fn + mamba_chunk_scan_combined), a continuation from the state, then
+    causal_conv1d_update and selective_state_update one token at a time."""
+    skip_without_kernels(mamba2_kernels)
+    d_model, kwargs, length = KERNEL_CASES[case]
+    ref = make(d_model, **kwargs)
+    kernel_mixer = make(d_model, use_kernels="always", **kwargs)
+    assert_kernel_decoding_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), split=20)

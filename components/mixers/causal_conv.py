@@ -1,0 +1,41 @@
+"""Depthwise causal convolution + SiLU in PyTorch: the math of ``causal_conv1d``'s ``causal_conv1d_fn`` and
+``causal_conv1d_update`` (github.com/Dao-AILab/causal-conv1d), used by both Mamba mixers on their CPU path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None) -> Tensor:
+    """Depthwise causal convolution followed by SiLU (``causal_conv1d_fn(..., activation="silu")``).
+
+    x: [B, C, L]; weight: [C, W]; prefix: [B, C, W-1], the inputs just before ``x`` (zeros when None).
+    Returns [B, C, L].
+    """
+    width = weight.shape[-1]
+    if prefix is None:
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    else:
+        out = F.conv1d(
+            torch.cat([prefix.to(x.dtype), x], dim=-1), weight.unsqueeze(1), bias, groups=x.shape[1]
+        )
+    return F.silu(out)
+
+
+def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One decoding step of ``causal_conv1d`` (``causal_conv1d_update``): shift ``x`` [B, C] into ``conv_state``
+    [B, C, W] in place and return silu(conv) [B, C]."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = torch.einsum("bcw,cw->bc", conv_state.to(weight.dtype), weight)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out).to(x.dtype)
+
+
+def last_inputs(x: Tensor, conv_state: Tensor) -> Tensor:
+    """The last W inputs of ``conv_state`` followed by ``x`` ([B, C, L]): the conv state after ``x``."""
+    width = conv_state.shape[-1]
+    return torch.cat([conv_state.to(x.dtype), x], dim=-1)[..., -width:]

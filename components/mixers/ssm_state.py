@@ -1,0 +1,43 @@
+"""The constant-size decoding state shared by the SSM mixers (Mamba-1 ``MambaState``, Mamba-2 ``Mamba2State``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class SSMState:
+    """Constant-size decoding state of one SSM mixer, updated in place by the mixer's forward.
+
+    ``conv_state`` holds the last ``d_conv`` inputs of the causal convolution (oldest first); ``ssm_state``
+    the recurrent state; ``seqlen_offset`` how many tokens have gone through it.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
+    seqlen_offset: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv_state.shape[0]
+
+    def reset(self) -> None:
+        """Zero the state in place (reuse the buffers for a new sequence)."""
+        self.conv_state.zero_()
+        self.ssm_state.zero_()
+        self.seqlen_offset = 0
+
+
+def keep_last_state(result: Tensor | tuple[Tensor, Tensor], state: SSMState | None) -> Tensor:
+    """The output of a scan called with ``return_last_state=state is not None``.
+
+    Without ``state`` the scan returned y alone; with it, ``(y, last)``: ``last`` is stored into
+    ``state.ssm_state`` (in place, in the state's dtype) and y is returned.
+    """
+    if state is None:
+        return result
+    y, last = result
+    state.ssm_state.copy_(last)
+    return y
