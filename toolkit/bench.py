@@ -220,17 +220,17 @@ def bench_model(config: str, overrides: Sequence[str] = (), steps: int = 20) -> 
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
-    from toolkit.config import load_config
+    from toolkit.assemble import build_parts
     from toolkit.model import count_params
     from toolkit.module import ChimeraModule
+    from toolkit.plan import load_plan
     from toolkit.strategies import apply_activation_checkpointing
-    from toolkit.train import build_parts, build_tokenizer
 
-    cfg = load_config(config, overrides)
+    plan = load_plan(config, overrides)
+    cfg = plan.stages[0].cfg  # a recipe is benchmarked on its first stage
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tokenizer = build_tokenizer(cfg)
     pl.seed_everything(int(cfg.seed), verbose=False)
-    model, datamodule = build_parts(cfg, tokenizer)
+    model, datamodule = build_parts(cfg, plan.tokenizer)
     if cfg.strategy.get("activation_checkpointing"):
         apply_activation_checkpointing(model)
     datamodule.setup("fit")

@@ -12,12 +12,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from toolkit.errors import ChimeraError
+from toolkit.errors import ChimeraError, RunInterrupted
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML file")
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. optim.lr=3e-4")
+
+
+# --debug is accepted before or after the command: `chimera --debug train ...` and `chimera train ... --debug`
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument(
+    "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for user errors too"
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,30 +34,46 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an experiment (all stages, or one with --stage)")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "train", parents=[_COMMON], help="train an experiment (all stages, or one with --stage)"
+    )
+    _add_config_args(p, optional=True)
     p.add_argument("--stage", help="run only this stage of a staged recipe")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint and the same MLflow run"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        help="continue from the newest checkpoint, in the same MLflow run: the run of CONFIG + overrides, "
+        "or RUN, a run folder (runs/NAME) or an MLflow run id (then CONFIG is not needed)",
     )
 
-    p = sub.add_parser("describe", help="build the model on the meta device and print its structure")
+    p = sub.add_parser(
+        "describe", parents=[_COMMON], help="build the model on the meta device and print its structure"
+    )
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("components", help="list registered components with their parameters")
+    p = sub.add_parser(
+        "components", parents=[_COMMON], help="list registered components with their parameters"
+    )
     p.add_argument("kind", nargs="?", help="encoder, pooler, connector, mixer, ffn, decoder or dataset")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("bench", help="benchmarks to run on your own hardware")
+    p = sub.add_parser("bench", parents=[_COMMON], help="benchmarks to run on your own hardware")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser(
-        "mixers", help="Mamba-1/Mamba-2 CPU paths vs references; hybrid vs Transformer prefill"
+        "mixers",
+        parents=[_COMMON],
+        help="Mamba-1/Mamba-2 CPU paths vs references; hybrid vs Transformer prefill",
     )
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not the issue's figures)")
     b = bsub.add_parser(
-        "model", help="the toolkit's Lightning step vs a plain PyTorch loop on the same model"
+        "model",
+        parents=[_COMMON],
+        help="the toolkit's Lightning step vs a plain PyTorch loop on the same model",
     )
     _add_config_args(b)
     b.add_argument("--json", action="store_true")
@@ -59,9 +82,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.plan import load_plan, resume_target
     from toolkit.train import train
 
-    result = train(args.config, args.overrides, stage=args.stage, resume=args.resume)
+    config, overrides = args.config, list(args.overrides)
+    if isinstance(args.resume, str):  # --resume RUN: the run's own resolved config
+        if config is not None and "=" in config:  # `chimera train --resume RUN key=value` parses oddly
+            overrides.insert(0, config)
+            config = None
+        if config is not None or overrides:
+            raise ChimeraError(
+                f"--resume {args.resume}: a run resumes with the config it started with; drop the config "
+                "file and overrides (or use CONFIG [overrides] --resume without a run)"
+            )
+        config = resume_target(args.resume)
+    elif config is None:
+        raise ChimeraError("train: missing CONFIG (an experiment YAML file), or --resume RUN")
+    result = train(load_plan(config, overrides), stage=args.stage, resume=bool(args.resume))
     if not result.run_id:  # a non-zero rank of a multi-process run: rank 0 reports
         return 0
     print()
@@ -80,8 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     from toolkit.describe import describe, format_description
+    from toolkit.plan import load_plan
 
-    info = describe(args.config, args.overrides)
+    info = describe(load_plan(args.config, args.overrides, check_model=False))
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0
 
@@ -176,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"chimera: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"chimera: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

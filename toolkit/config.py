@@ -16,7 +16,10 @@ component). So ``model.connector.name=linear`` swaps an ``mlp`` connector in one
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": {"name": "synthetic_shapes", "size": 2000, "tasks": ["color", "shape"]},
         "val": {"name": "synthetic_shapes", "size": 256, "split": "val", "tasks": ["color", "shape"]},
+        "template": {"name": "vicuna_v1"},  # prompt template (components/templates)
         "tokenizer": None,  # None: build a word-level tokenizer offline from the dataset's vocabulary
         "batch_size": 16,
         "val_batch_size": None,
@@ -101,8 +105,124 @@ COMPONENT_NODES = {
     "model.decoder": "decoder",
     "data.train": "dataset",
     "data.val": "dataset",
+    "data.template": "template",
 }
 STAGE_KEYS = {"name", "trainable", "data", "optim", "trainer", "model"}
+STAGE_SECTIONS = ("data", "optim", "trainer", "model")
+
+
+class Rule:
+    """The type and range a toolkit key's value must have; ``text`` is what the error and the docs say."""
+
+    def __init__(self, text: str, ok: Callable[[Any], bool]) -> None:
+        self.text, self.ok = text, ok
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(lo: int) -> Rule:
+    return Rule(f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
+
+
+def _num(text: str, ok: Callable[[float], bool]) -> Rule:
+    return Rule(text, lambda v: _is_num(v) and ok(v))
+
+
+def _optional(rule: Rule) -> Rule:
+    return Rule(f"{rule.text}, or null", lambda v: v is None or rule.ok(v))
+
+
+def _choice(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+_BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+_STR = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+_GLOBS = Rule(
+    "a glob or a list of globs over parameter names, or null",
+    lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+)
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+# Type and range of every toolkit key (``trainer`` keys Chimera does not list are Lightning's to check).
+# docs/configs.md lists the same table; a test keeps the two in step.
+RULES: dict[str, Rule] = {
+    "name": _optional(
+        Rule(
+            "a run name of letters, digits and . _ - = , + (not starting with '.'); it names a folder in output_dir",
+            lambda v: (
+                isinstance(v, str)
+                and re.fullmatch(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]{0,199}", v) is not None
+            ),
+        )
+    ),
+    "seed": _int(0),
+    "output_dir": _STR,
+    "plugins": Rule(
+        "a list of module names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+    ),
+    "model.pool_after_connector": _BOOL,
+    "data.tokenizer": _optional(_STR),
+    "data.batch_size": _int(1),
+    "data.val_batch_size": _optional(_int(1)),
+    "data.num_workers": _int(0),
+    "data.max_length": _int(1),
+    "optim.lr": _num("a number > 0", lambda v: v > 0),
+    "optim.weight_decay": _num("a number >= 0", lambda v: v >= 0),
+    "optim.betas": Rule(
+        "two numbers in [0, 1), e.g. [0.9, 0.95]",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
+    ),
+    "optim.eps": _num("a number > 0", lambda v: v > 0),
+    "optim.warmup_steps": _int(0),
+    "optim.min_lr_ratio": _num("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "optim.trainable": _GLOBS,
+    "optim.aux_loss_weight": _num("a number >= 0", lambda v: v >= 0),
+    "trainer.max_steps": _int(1),
+    "trainer.val_check_interval": Rule(
+        "an integer >= 1 (steps), a fraction in (0, 1] of an epoch, or null",
+        lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+    ),
+    "trainer.check_val_every_n_epoch": _optional(_int(1)),
+    "trainer.limit_val_batches": Rule(
+        "an integer >= 0 (batches), a fraction in [0, 1], or null",
+        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+    ),
+    "trainer.accumulate_grad_batches": _int(1),
+    "trainer.gradient_clip_val": _optional(_num("a number >= 0", lambda v: v >= 0)),
+    "trainer.precision": _choice(*PRECISIONS),
+    "trainer.accelerator": _choice(*ACCELERATORS),
+    "trainer.devices": Rule(
+        "an integer >= 1, 'auto', or a list of device indices",
+        lambda v: (
+            (_is_int(v) and v >= 1) or v == "auto" or (isinstance(v, list) and v and all(map(_is_int, v)))
+        ),
+    ),
+    "trainer.num_nodes": _int(1),
+    "trainer.log_every_n_steps": _int(1),
+    "trainer.enable_progress_bar": _BOOL,
+    "trainer.num_sanity_val_steps": _int(-1),
+    "strategy.name": _choice("auto", "ddp", "fsdp"),
+    "strategy.activation_checkpointing": _BOOL,
+    "strategy.checkpoint_format": _choice("sharded", "full"),
+    "strategy.reshard_after_forward": _BOOL,
+    "strategy.find_unused_parameters": _BOOL,
+    "checkpoint.every_n_steps": _int(1),
+    "checkpoint.save_last": _BOOL,
+    "checkpoint.keep": Rule("an integer >= -1 (-1 keeps all)", lambda v: _is_int(v) and v >= -1),
+    "perf.peak_tflops": _optional(_num("a number > 0", lambda v: v > 0)),
+    "tracking.uri": _optional(_STR),
+    "tracking.experiment": _STR,
+    "tracking.run_name": _optional(_STR),
+    "tracking.tags": Rule("a mapping of tag names to values", lambda v: isinstance(v, Mapping)),
+}
 
 
 def merge(base: Any, other: Any, path: str = "") -> Any:
@@ -194,10 +314,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         raise ChimeraError(f"{COMMAND_LINE}: cannot parse overrides {list(overrides)}: {exc}") from exc
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = (), *, validate: bool = True):
-    """Load, merge and validate an experiment. Returns an OmegaConf DictConfig with ``_meta`` stripped.
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), *, validate: bool = True, with_sources: bool = False
+):
+    """Load, merge and validate an experiment: an OmegaConf DictConfig (and, with ``with_sources``, the
+    ``Sources`` that say which file set each key).
 
-    ``cfg.name`` defaults to the file stem plus the overrides, so sweeps read well in the MLflow UI.
+    ``cfg.name`` defaults to the file stem plus the normalised overrides (``run_name``), so sweeps read well
+    in the MLflow UI and two different override sets never share a run folder.
     """
     from omegaconf import OmegaConf
 
@@ -218,49 +342,101 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, validate: bo
     except Exception as exc:
         raise ChimeraError(f"{path}: cannot resolve interpolations: {' '.join(str(exc).split())}") from exc
     if validate:
-        check_components(conf, sources)
-    return conf
+        check_components(conf, sources, search=(str(path.parent), "."))
+    return (conf, sources) if with_sources else conf
 
 
 def run_name(path: Path, overrides: Sequence[str]) -> str:
-    name = path.stem
-    for item in overrides:
-        key, _, value = item.partition("=")
-        name += f"_{key.rsplit('.', 1)[-1]}={value}"
-    return name.replace("/", "-")[:200]
+    """The run's folder name: the file stem plus the full, normalised override set.
+
+    Overrides are parsed (so ``lr=0.001`` and ``lr=1e-3`` agree), sorted by their full dotted key (so order
+    does not matter) and written ``stem-key=value-key=value``. When that text is long or had to be changed to
+    be a safe folder name, a short hash of the normalised set keeps names of different runs apart.
+    """
+    flat = _flatten(parse_overrides(overrides)) if overrides else {}
+    flat.pop("name", None)
+    if not flat:
+        return _safe(path.stem)[0] or "run"
+    items = sorted(flat.items())
+    text = "-".join(
+        f"{k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}" for k, v in items
+    )
+    name, changed = _safe(f"{path.stem}-{text}")
+    if changed or len(name) > 120:
+        digest = hashlib.sha1(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{name[:100]}-{digest}"
+    return name
+
+
+def _safe(text: str) -> tuple[str, bool]:
+    """Replace characters a folder name should not have; (name, whether anything changed)."""
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text).lstrip(".")
+    return safe, safe != text
+
+
+def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
 
 
 def check_keys(user: Mapping[str, Any], sources: Sources) -> None:
-    """Every key the user wrote must exist in DEFAULTS (component nodes are checked later)."""
+    """Every key the user wrote must exist in DEFAULTS (component nodes are checked later), with a value of
+    the type and range ``RULES`` gives; stages are checked section by section like the top level."""
+    _walk(user, {**DEFAULTS, "base": None}, "", sources, where="")
 
-    def walk(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            if dotted in COMPONENT_NODES or dotted in _FREE_FORM:
-                continue
-            if dotted == "stages":
-                check_stages(value, sources)
-                continue
-            if dotted == "trainer":
-                check_trainer(value, sources)
-                continue
-            if key not in schema:
+
+def _walk(
+    node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, sources: Sources, where: str
+) -> None:
+    """Check ``node`` (keys ``prefix.*``) against ``schema``; ``where`` prefixes messages (a stage)."""
+    at = f"{where}: " if where else ""
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if dotted in COMPONENT_NODES or dotted in _FREE_FORM:
+            continue
+        if dotted == "stages" and not where:
+            check_stages(value, sources)
+            continue
+        if dotted == "trainer":
+            check_trainer(value, sources, where=where)
+            for name, item in value.items():
+                _check_value(f"trainer.{name}", item, sources, at)
+            continue
+        if key not in schema:
+            raise ChimeraError(
+                f"{sources.of(dotted)}: {at}{dotted}: unknown key{did_you_mean(key, schema)}; "
+                f"known keys{' of ' + prefix if prefix else ''}: {', '.join(map(str, schema))}",
+                key=dotted,
+            )
+        if dotted in RULES:
+            _check_value(dotted, value, sources, at)
+        elif isinstance(schema.get(key), Mapping) and value is not None:
+            if not isinstance(value, Mapping):
                 raise ChimeraError(
-                    f"{sources.of(dotted)}: {dotted}: unknown key{did_you_mean(key, schema)}; "
-                    f"known keys{' of ' + prefix if prefix else ''}: {', '.join(map(str, schema))}"
+                    f"{sources.of(dotted)}: {at}{dotted}: expected a mapping, got {value!r:.80}"
                 )
-            if isinstance(schema[key], Mapping) and value is not None:
-                if not isinstance(value, Mapping):
-                    raise ChimeraError(f"{sources.of(dotted)}: {dotted}: expected a mapping, got {value!r}")
-                walk(value, schema[key], dotted)
-
-    walk(user, {**DEFAULTS, "base": None}, "")
+            _walk(value, schema[key], dotted, sources, where)
 
 
-def check_trainer(node: Any, sources: Sources, prefix: str = "trainer") -> None:
+def _check_value(dotted: str, value: Any, sources: Sources, at: str) -> None:
+    rule = RULES.get(dotted)
+    if rule is not None and not rule.ok(value):
+        raise ChimeraError(
+            f"{sources.of(dotted)}: {at}{dotted}: expected {rule.text}, got {value!r:.80}", key=dotted
+        )
+
+
+def check_trainer(node: Any, sources: Sources, where: str = "") -> None:
     """Trainer keys are Lightning ``Trainer`` arguments (those Chimera does not set itself)."""
+    at = f"{where}: " if where else ""
     if not isinstance(node, Mapping):
-        raise ChimeraError(f"{sources.of(prefix)}: {prefix}: expected a mapping, got {node!r}")
+        raise ChimeraError(f"{sources.of('trainer')}: {at}trainer: expected a mapping, got {node!r}")
     import inspect
 
     from lightning.pytorch import Trainer
@@ -275,41 +451,56 @@ def check_trainer(node: Any, sources: Sources, prefix: str = "trainer") -> None:
     for key in node:
         if key not in accepted:
             raise ChimeraError(
-                f"{sources.of(f'{prefix}.{key}')}: {prefix}.{key}: not an argument of lightning.Trainer"
-                f"{did_you_mean(key, accepted)} (strategy, logger and callbacks come from Chimera's own sections)"
+                f"{sources.of(f'trainer.{key}')}: {at}trainer.{key}: not an argument of lightning.Trainer"
+                f"{did_you_mean(key, accepted)} (strategy, logger and callbacks come from Chimera's own sections)",
+                key=f"trainer.{key}",
             )
 
 
+def stage_label(index: int, stage: Mapping[str, Any]) -> str:
+    """How errors name a stage: ``stages[1] (instruct)``."""
+    return f"stages[{index}] ({stage.get('name')})" if isinstance(stage, Mapping) else f"stages[{index}]"
+
+
 def check_stages(stages: Any, sources: Sources) -> None:
+    """Each stage: a mapping with a unique name and only stage keys; its ``data``, ``optim``, ``trainer`` and
+    ``model`` sections checked exactly like the top level's (component nodes later, per stage config)."""
+    file = sources.of("stages")
     if not isinstance(stages, list):
-        raise ChimeraError(
-            f"{sources.of('stages')}: stages: expected a list of stage mappings, got {stages!r}"
-        )
+        raise ChimeraError(f"{file}: stages: expected a list of stage mappings, got {stages!r}")
     seen = set()
     for i, stage in enumerate(stages):
-        where = f"stages[{i}]"
+        where = stage_label(i, stage)
         if not isinstance(stage, Mapping) or not stage.get("name"):
-            raise ChimeraError(f"{sources.of('stages')}: {where}: each stage needs a mapping with a 'name'")
+            raise ChimeraError(f"{file}: stages[{i}]: each stage needs a mapping with a 'name'")
         if stage["name"] in seen:
-            raise ChimeraError(f"{sources.of('stages')}: {where}: duplicate stage name '{stage['name']}'")
+            raise ChimeraError(f"{file}: {where}: duplicate stage name '{stage['name']}'")
         seen.add(stage["name"])
         for key in stage:
             if key not in STAGE_KEYS:
                 raise ChimeraError(
-                    f"{sources.of('stages')}: {where}.{key}: unknown stage key{did_you_mean(key, STAGE_KEYS)}; "
+                    f"{file}: {where}: {key}: unknown stage key{did_you_mean(key, STAGE_KEYS)}; "
                     f"known: {', '.join(sorted(STAGE_KEYS))}"
                 )
-        if "trainer" in stage:
-            check_trainer(stage["trainer"], sources, f"{where}.trainer")
+        if not _GLOBS.ok(stage.get("trainable")):
+            raise ChimeraError(f"{file}: {where}: trainable: expected {_GLOBS.text}")
+        sections = {k: v for k, v in stage.items() if k in STAGE_SECTIONS}
+        stage_sources = Sources(file)  # every key of a stage was set by the file that set `stages`
+        _walk(sections, {k: DEFAULTS[k] for k in STAGE_SECTIONS}, "", stage_sources, where=where)
 
 
-def check_components(cfg: Any, sources: Sources) -> None:
-    """Check every component node against its registered constructor, without building anything."""
+def check_components(cfg: Any, sources: Sources, search: Sequence[str] = ()) -> None:
+    """Check every component node against its registered constructor, without building anything.
+
+    ``search``: folders where ``plugins:`` modules are looked up besides ``sys.path``.
+    """
     from omegaconf import OmegaConf
 
     from toolkit import registry
 
-    registry.import_plugins(cfg.get("plugins") or [], where=f"{sources.of('plugins')}: plugins")
+    registry.import_plugins(
+        cfg.get("plugins") or [], where=f"{sources.of('plugins')}: plugins", search=search
+    )
     for dotted, kind in COMPONENT_NODES.items():
         node = OmegaConf.select(cfg, dotted)
         if node is None:

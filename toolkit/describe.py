@@ -10,73 +10,57 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PART_NAMES = ("encoder", "pooler", "connector", "decoder")
+from toolkit.plan import Plan, load_plan
 
 
-def _vocab_and_image_id(cfg: Any) -> tuple[int, int]:
-    """The tokenizer's size and image id; a decoder with an explicit vocab_size needs no tokenizer build."""
-    from toolkit.data import image_token_id
-    from toolkit.train import build_tokenizer
-
-    tok = build_tokenizer(cfg)
-    return len(tok), image_token_id(tok)
-
-
-def describe(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def describe(plan: Plan | str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     import torch
-    from omegaconf import OmegaConf
 
-    from toolkit.config import load_config, stage_config
-    from toolkit.model import build_model, count_params
+    from toolkit.assemble import build_model
+    from toolkit.model import PARTS, count_params
     from toolkit.module import select_trainable
 
-    cfg = load_config(config_path, overrides)
-    vocab, image_id = _vocab_and_image_id(cfg)
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan, overrides, check_model=False)  # the build below is the check
+    cfg = plan.cfg
     with torch.device("meta"):
-        model = build_model(
-            OmegaConf.to_container(cfg.model, resolve=True), vocab_size=vocab, image_token_id=image_id
-        )
+        model = build_model(cfg, plan.tokenizer)
     select_trainable(model, cfg.optim.get("trainable"))
     total, trainable = count_params(model)
     by_part = {}
-    for part in PART_NAMES:
+    for part in PARTS:
         t, tr = count_params(getattr(model, part))
         by_part[part] = {"total": t, "trainable": tr, "name": str(cfg.model[part].name)}
-    decoder = model.decoder
+    encoder, decoder = model.encoder, model.decoder
     letters = _letter_names()
     layers = [
         {"index": i, "letters": s, "sublayers": [letters.get(ch, ch) for ch in s]}
         for i, s in enumerate(getattr(decoder, "layer_pattern", []))
     ]
     info: dict[str, Any] = {
-        "config": str(config_path),
-        "name": str(cfg.name),
+        "config": str(plan.config_path),
+        "name": plan.name,
         "params": {"total": total, "trainable": trainable, "by_component": by_part},
         "image_tokens": model.image_tokens,
         "encoder": {
-            "image_size": getattr(model.encoder, "image_size", None),
-            "grid": list(model.encoder.grid) if getattr(model.encoder, "grid", None) else None,
-            "tokens": getattr(model.encoder, "num_tokens", None),
-            "width": getattr(model.encoder, "embed_dim", None),
+            "image_size": encoder.image_size,
+            "grid": list(encoder.grid) if encoder.grid else None,
+            "tokens": encoder.num_tokens,
+            "width": encoder.embed_dim,
         },
-        "decoder": {
-            "d_model": getattr(decoder, "d_model", None),
-            "vocab_size": getattr(decoder, "vocab_size", None),
-        },
+        "decoder": {"d_model": decoder.d_model, "vocab_size": decoder.vocab_size},
         "pattern": getattr(decoder, "pattern", None),
         "layers": layers,
     }
-    stages = list(cfg.get("stages") or [])
-    if stages:
+    if plan.staged:
         info["stages"] = {}
-        for stage in stages:
-            scfg = stage_config(cfg, stage)
+        for stage in plan.stages:
             for p in model.parameters():
                 p.requires_grad_(True)
             names = select_trainable(
-                model, scfg.optim.get("trainable"), where=f"stages.{stage['name']}.trainable"
+                model, stage.cfg.optim.get("trainable"), where=f"{stage.label}: trainable"
             )
-            info["stages"][str(stage["name"])] = {
+            info["stages"][stage.name] = {
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "trainable_parts": sorted({n.split(".")[0] for n in names}),
             }

@@ -22,6 +22,19 @@ class ChimeraError(Exception):
         self.key = key
 
 
+class RunInterrupted(Exception):
+    """A run stopped on a signal after checkpointing (see ``toolkit.signals``); the CLI exits with
+    ``exit_code`` = 128 + the signal number, as a shell reports a process killed by that signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -3,14 +3,15 @@
 It owns what is the same for every experiment: the loss (next-token cross-entropy on assistant tokens only,
 normalised by the number of target tokens over the whole optimizer step: micro-batches and ranks), the
 trainable set (glob patterns over module names), AdamW with warmup + cosine, validation metrics
-(torchmetrics: loss and answer exact-match accuracy), throughput, and FSDP sharding in ``configure_model``.
+(torchmetrics: loss and answer exact-match accuracy) and FSDP sharding in ``configure_model``. Throughput,
+FLOPs and MFU are measured beside it by ``toolkit.perf.PerfMonitor``, which it hands Lightning in
+``configure_callbacks``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from toolkit.errors import ChimeraError
 from toolkit.model import MultimodalModel
+from toolkit.perf import PerfMonitor, StepCounts, logs_this_step
 
 IGNORE = -100
 
@@ -79,146 +81,17 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return fn
 
 
-# Dense peak TFLOP/s per device by compute dtype (vendor datasheets, SXM parts), used for MFU when
-# ``perf.peak_tflops`` is not set. Matched against ``torch.cuda.get_device_name()``, first hit wins.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-}
-PIPELINE = ("encoder", "pooler", "connector", "decoder")  # data flow order (the pooler has no parameters)
-
-
-def peak_tflops(precision: str, device: torch.device | None = None) -> float | None:
-    """Datasheet dense peak of the current CUDA device for ``precision``, or None (unknown device, CPU)."""
-    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    if precision.startswith("bf16"):
-        dtype = "bf16"
-    elif precision.startswith("16"):
-        dtype = "fp16"
-    else:
-        dtype = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-    for key, table in PEAK_TFLOPS.items():
-        if key in name:
-            return table[dtype]
-    return None
-
-
-class FlopsModel:
-    """Model FLOPs of one optimizer step, from parameter counts (the usual 2N forward / 4N backward rule).
-
-    Per token of the part that processes it (decoder: non-padding text tokens; connector: image tokens at its
-    input; encoder: patch tokens), a weight matrix costs 2 FLOPs per parameter forward, 2 more backward for
-    the activation gradient when anything upstream trains, and 2 more for its own weight gradient when it
-    trains. So a parameter counts 6 (trainable), 4 (frozen, gradients flow through it: e.g. a frozen decoder
-    behind a trained connector) or 2 (frozen with nothing trainable upstream: e.g. a frozen encoder). The
-    embedding table is a lookup and counts 0. Decoder attention adds ``4 * d_attn * L^2`` FLOPs per layer and
-    sample of length L forward (QK^T and AV, no causal discount, as in PaLM's MFU), times 3 when gradients
-    flow. Not counted: Mamba scans, norms, activations, the encoder's attention scores.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        from toolkit import registry
-
-        def counts(part: nn.Module | None, skip: tuple[nn.Module, ...] = ()) -> tuple[int, int]:
-            if part is None:
-                return 0, 0
-            skipped = {id(p) for m in skip for p in m.parameters()}
-            seen: set[int] = set()
-            trainable = frozen = 0
-            for p in part.parameters():
-                if id(p) in seen or id(p) in skipped:
-                    continue
-                seen.add(id(p))
-                if p.requires_grad:
-                    trainable += p.numel()
-                else:
-                    frozen += p.numel()
-            return trainable, frozen
-
-        decoder = getattr(model, "decoder", None)
-        embed = getattr(decoder, "embed_tokens", None)
-        tied = (
-            embed is not None and getattr(getattr(decoder, "lm_head", None), "weight", None) is embed.weight
-        )
-        self.params = {
-            "encoder": counts(getattr(model, "encoder", None)),
-            "pooler": counts(getattr(model, "pooler", None)),
-            "connector": counts(getattr(model, "connector", None)),
-            "decoder": counts(decoder, (embed,) if embed is not None and not tied else ()),
-        }
-        self.grad_flows: dict[str, bool] = {}  # does backward run through this part?
-        upstream = False
-        for part in PIPELINE:
-            trainable = self.params[part][0] > 0
-            self.grad_flows[part] = upstream or trainable
-            upstream = upstream or trainable
-        try:
-            attention = registry.get("mixer", "attention").target
-        except Exception:  # a registry without the built-in attention: no attention term
-            attention = None
-        self.attn_dims = [
-            int(m.n_heads * m.head_dim)
-            for m in (decoder.modules() if decoder is not None and attention is not None else ())
-            if isinstance(m, attention)
-        ]
-        encoder = getattr(model, "encoder", None)
-        pooler = getattr(model, "pooler", None)
-        self.encoder_tokens = int(getattr(encoder, "num_tokens", 0))
-        pooled = int(getattr(pooler, "num_tokens", self.encoder_tokens))
-        self.connector_tokens = (
-            self.encoder_tokens if getattr(model, "pool_after_connector", False) else pooled
-        )
-
-    def per_param(self, part: str) -> tuple[int, int]:
-        """FLOPs per token per (trainable, frozen) parameter of ``part``."""
-        return 6, (4 if self.grad_flows[part] else 2)
-
-    def step(self, text_tokens: float, sum_sq_lengths: float, images: float) -> float:
-        """FLOPs of one optimizer step with these totals (over micro-batches and ranks)."""
-        tokens = {
-            "encoder": images * self.encoder_tokens,
-            "pooler": 0.0,
-            "connector": images * self.connector_tokens,
-            "decoder": text_tokens,
-        }
-        total = 0.0
-        for part, (trainable, frozen) in self.params.items():
-            f_train, f_frozen = self.per_param(part)
-            total += tokens[part] * (f_train * trainable + f_frozen * frozen)
-        attn_factor = 3 if self.grad_flows["decoder"] else 1
-        total += attn_factor * 4 * sum(self.attn_dims) * sum_sq_lengths
-        return total
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA ``max_memory_allocated``, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-# One optimizer step's statistics, summed over its micro-batches on this rank (then over ranks):
-STATS = ("target_tokens", "loss_sum", "samples", "images", "text_tokens", "sum_sq_lengths")
-
-
 class ChimeraModule(pl.LightningModule):
     """Lightning wrapper: steps, metrics, optimizer, trainable set and sharding for one experiment.
 
     Logged every ``trainer.log_every_n_steps`` optimizer steps and at the last one (rank 0): ``train/loss``
-    (mean over every target token of the step, all micro-batches and ranks), ``train/target_tokens``, and
-    ``perf/*`` averaged over the steps since the previous log: ``step_time_s`` (wall time from the end of the
-    previous step, after its checkpoint if any, to the end of this optimizer step: data loading included,
-    validation excluded), ``tokens_per_s`` (non-padding text tokens, all ranks), ``samples_per_s``,
-    ``images_per_s``, ``tflops`` (model FLOPs per second per device, see ``FlopsModel``), ``mfu`` (when a
-    peak is known: ``perf.peak_tflops`` per device, else the datasheet value of a known GPU), and
-    ``peak_mem_gb`` (CUDA max allocated, or the process's peak RSS on CPU, of rank 0).
+    (mean over every target token of the step, all micro-batches and ranks) and ``train/target_tokens``;
+    ``train/aux_loss`` (the decoder's auxiliary loss, per micro-batch) when the decoder has one. ``perf/*``
+    come from ``toolkit.perf.PerfMonitor`` (``configure_callbacks``), which reads ``step_counts``: the
+    global ``StepCounts`` of the last optimizer step, summed with one all-reduce per step.
+
+    ``config`` is the resolved experiment (kept in checkpoints); ``perf.peak_tflops`` sets the per-device
+    peak for ``perf/mfu``.
     """
 
     def __init__(
@@ -243,16 +116,17 @@ class ChimeraModule(pl.LightningModule):
         self.trainable = select_trainable(model, self.optim_cfg.get("trainable"))
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
-        self.flops = FlopsModel(model)  # counted before sharding and activation checkpointing wrap anything
-        cfg = config or {}
-        self._peak_tflops = (cfg.get("perf") or {}).get("peak_tflops")
-        self._precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
-        self._window: Tensor | None = None  # this rank's STATS over the current optimizer step
-        self._step_stats: list[float] | None = None  # the last step's STATS over all ranks
-        self._t_mark: float | None = None  # end of the previous step (or of validation)
-        self._t_step: float | None = None  # end of the last optimizer step
-        self._perf: list[float] | None = None  # perf sums since the last logged step
+        self._peak_tflops = ((config or {}).get("perf") or {}).get("peak_tflops")
+        self.step_counts: StepCounts | None = None  # the last optimizer step's counts, all ranks
+        self.truncated_total = 0.0  # samples cut at data.max_length since this fit started, all ranks
+        self._window: Tensor | None = None  # this rank's StepCounts (as a tensor) over the current step
+        self._unlogged: StepCounts | None = None  # counts of a step whose train/* are not yet logged
         self._params: list[nn.Parameter] | None = None  # the trainable parameters, once sharded
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Throughput, FLOPs, MFU and memory are measured beside the module (Lightning adds this to the
+        trainer's callbacks, replacing a ``PerfMonitor`` given to the trainer)."""
+        return [PerfMonitor(peak_tflops=self._peak_tflops)]
 
     # ----------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -266,31 +140,36 @@ class ChimeraModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Returns this micro-batch's loss SUM; ``on_before_optimizer_step`` turns the step's gradient into
+        the gradient of
+
+            (sum over the step's target tokens of the cross-entropy
+             + aux_loss_weight * sum over its micro-batches of n_mb * aux_mb) / N
+
+        with N the target tokens of the whole step (all micro-batches and ranks), n_mb those of a micro-batch
+        and aux_mb the decoder's auxiliary loss of that micro-batch (a mean over its tokens, e.g. MoE load
+        balancing): each micro-batch's aux loss weighs like its target tokens, so the aux term is
+        ``aux_loss_weight`` (``optim.aux_loss_weight``, default 1) times the token-weighted mean of the
+        micro-batches' aux losses, whatever the accumulation and the number of ranks.
+        """
         logits = self(batch)
         loss_sum, n_tokens, _ = token_losses(logits, batch["labels"])
-        n_images = 0 if batch.get("images") is None else batch["images"].shape[0]
+        ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        lengths = (
-            mask.sum(1)
-            if mask is not None
-            else torch.full_like(batch["input_ids"][:, 0], batch["input_ids"].shape[1])
-        )
-        # STATS, kept on the device: one sync per optimizer step
-        stats = torch.stack(
-            [
-                n_tokens.double(),
-                loss_sum.detach().double(),
-                lengths.sum().double(),
-                lengths.double().square().sum(),
-            ]
-        )
-        extra = stats.new_tensor([batch["input_ids"].shape[0], n_images])
-        stats = torch.cat([stats[:2], extra, stats[2:]])
-        self._window = stats if self._window is None else self._window + stats
+        lengths = mask.sum(1) if mask is not None else torch.full_like(ids[:, 0], ids.shape[1])
+        counts = StepCounts(  # kept on the device: one sync per optimizer step
+            target_tokens=n_tokens,
+            loss_sum=loss_sum.detach(),
+            samples=ids.shape[0],
+            images=0 if batch.get("images") is None else batch["images"].shape[0],
+            text_tokens=lengths.sum(),
+            sum_sq_lengths=lengths.double().square().sum(),
+            truncated=batch.get("n_truncated", 0),
+        ).to_tensor()
+        self._window = counts if self._window is None else self._window + counts
         loss = loss_sum
         aux = self.model.decoder.aux_loss() if hasattr(self.model.decoder, "aux_loss") else None
         if aux is not None:
-            # the aux loss is a per-micro-batch mean: weigh it like one token-normalised micro-batch
             loss = loss + self.optim_cfg.get("aux_loss_weight", 1.0) * aux * n_tokens.clamp(min=1)
             self.log("train/aux_loss", aux.detach(), on_step=True, prog_bar=False)
         # Lightning divides by accumulate_grad_batches and DDP/FSDP average over ranks; the gradients are
@@ -308,91 +187,43 @@ class ChimeraModule(pl.LightningModule):
         the true gradient. A last, shorter accumulation window at an epoch end is exact too (N counts only
         its micro-batches, Lightning still divides by A).
         """
-        local = (
-            self._window
-            if self._window is not None
-            else torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
-        )
+        local = self._window if self._window is not None else StepCounts().to_tensor(self.device)
         total = (
             self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
             if self.trainer.world_size > 1
             else local
         )
-        total = total.tolist()
-        n_tokens = max(float(total[0]), 1.0)
-        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches / n_tokens
+        counts = StepCounts.from_tensor(total)  # the step's one device-to-host copy
+        scale = (
+            self.trainer.world_size * self.trainer.accumulate_grad_batches / max(counts.target_tokens, 1.0)
+        )
         if self._params is None:  # after configure_model: FSDP2 replaces parameters with sharded ones
             self._params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
-        self._step_stats = total
+        self.step_counts = self._unlogged = counts
+        self.truncated_total += counts.truncated
         self._window = None
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._t_step = time.perf_counter()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Account for the step just finished; log on the steps the logger writes (``log_every_n_steps``).
-
-        This hook runs after the callbacks' (so after a checkpoint save). ``self.log`` costs about half a
-        millisecond per metric, so ``train/*`` go through it only on the steps Lightning writes to the
-        logger, and ``perf/*`` (averages over all steps since the previous write, validation excluded) go
-        straight to the logger, at the step number Lightning gives ``train/loss``.
-        """
-        stats, self._step_stats = self._step_stats, None
-        if stats is None:  # a micro-batch inside an accumulation window
+        """Log ``train/*`` on the optimizer steps the logger writes (``self.log`` costs about half a
+        millisecond per metric, so only there)."""
+        counts, self._unlogged = self._unlogged, None
+        if counts is None or not logs_this_step(self.trainer):  # mid-window micro-batch, or not logged
             return
-        if self._t_mark is not None and self._t_step is not None:
-            flops = self.flops.step(stats[4], stats[5], stats[3])
-            row = [self._t_step - self._t_mark, stats[2], stats[3], stats[4], flops, 1.0]
-            self._perf = row if self._perf is None else [a + b for a, b in zip(self._perf, row)]
-        self._t_mark = time.perf_counter()
-        trainer = self.trainer
-        every = max(int(trainer.log_every_n_steps or 1), 1)
-        last = trainer.should_stop or trainer.global_step >= trainer.max_steps
-        if trainer.global_step % every and not last:
-            return
-        n_tokens = max(stats[0], 1.0)
         self.log_dict(
-            {"train/loss": stats[1] / n_tokens, "train/target_tokens": stats[0]},
+            {
+                "train/loss": counts.loss_sum / max(counts.target_tokens, 1.0),
+                "train/target_tokens": counts.target_tokens,
+                "data/truncated": self.truncated_total,  # samples cut at data.max_length, so far
+            },
             on_step=True,
             rank_zero_only=True,
         )
-        if self._perf is not None:
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(self._perf_metrics(self._perf), step=trainer.global_step - 1)
-            self._perf = None
-
-    def _perf_metrics(self, acc: list[float]) -> dict[str, float]:
-        dt, samples, images, tokens, flops, steps = acc
-        dt = max(dt, 1e-9)
-        per_device = flops / dt / self.trainer.world_size
-        values = {
-            "perf/step_time_s": dt / steps,
-            "perf/tokens_per_s": tokens / dt,
-            "perf/samples_per_s": samples / dt,
-            "perf/images_per_s": images / dt,
-            "perf/tflops": per_device / 1e12,
-            "perf/peak_mem_gb": peak_memory_gb(self.device),
-        }
-        peak = (
-            self._peak_tflops if self._peak_tflops is not None else peak_tflops(self._precision, self.device)
-        )
-        if peak:
-            values["perf/mfu"] = per_device / (float(peak) * 1e12)
-        return values
 
     def on_train_start(self) -> None:
         self._params = None
-        self._t_mark = time.perf_counter()
-
-    def on_validation_end(self) -> None:
-        self._t_mark = time.perf_counter()  # validation time is not step time
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

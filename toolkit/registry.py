@@ -1,6 +1,6 @@
 """The component registry: kinds, ``@register``, ``build()``, entry points and plugin modules.
 
-Every component (encoder, pooler, connector, mixer, ffn, decoder, dataset) registers itself with a decorator
+Every component (encoder, pooler, connector, mixer, ffn, decoder, dataset, template) registers itself with a decorator
 placed next to its class, as timm's ``@register_model`` does. The registry holds only tables and lookups;
 ``build`` turns a config node ``{name: ..., **kwargs}`` into an object after checking every key against the
 constructor's signature, so a typo fails before anything heavy is built.
@@ -15,23 +15,14 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from toolkit.contracts import CONTRACTS, DERIVED
 from toolkit.errors import ChimeraError, did_you_mean
 
-KINDS = ("encoder", "pooler", "connector", "mixer", "ffn", "decoder", "dataset")
-# Constructor arguments the toolkit fills in from neighbouring parts: users never write them.
-DERIVED: dict[str, tuple[str, ...]] = {
-    "encoder": (),
-    "pooler": ("grid", "n_tokens"),
-    "connector": ("in_dim", "out_dim"),
-    "mixer": ("d_model", "layer_idx"),
-    "ffn": ("d_model", "layer_idx"),
-    "decoder": (),
-    "dataset": ("image_size",),
-}
+KINDS = tuple(CONTRACTS)  # one contract per kind: toolkit/contracts.py says what each part must provide
 ENTRY_POINT_GROUP = "chimera.components"
 
 _MISSING = inspect.Parameter.empty
@@ -60,7 +51,6 @@ class Entry:
     symbol: str | None = None  # letter in a decoder layer pattern (mixers and ffns only)
     aliases: tuple[str, ...] = ()
     module: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -77,6 +67,16 @@ class Entry:
             ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
             out.append(Param(p.name, p.default, "" if ann is _MISSING else str(ann)))
         return out
+
+    def type_hints(self) -> dict[str, Any]:
+        """Evaluated constructor annotations (empty when they cannot be evaluated)."""
+        import typing
+
+        target = self.target.__init__ if inspect.isclass(self.target) else self.target
+        try:
+            return typing.get_type_hints(target)
+        except Exception:  # an annotation naming something unimportable: skip the type check
+            return {}
 
     def accepts_var_kwargs(self) -> bool:
         return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(self.target).parameters.values())
@@ -95,7 +95,7 @@ def _check_kind(kind: str) -> None:
 
 
 def register(
-    kind: str, name: str, *, symbol: str | None = None, aliases: Iterable[str] = (), **extra: Any
+    kind: str, name: str, *, symbol: str | None = None, aliases: Iterable[str] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a component class (or builder function) under ``kind``/``name``.
 
@@ -120,7 +120,7 @@ def register(
                         f"pattern symbol '{symbol}' of {kind} '{name}' is already taken by "
                         f"{other.kind} '{other.name}'; choose another letter"
                     )
-        entry = Entry(kind, name, target, symbol, tuple(aliases), target.__module__, dict(extra))
+        entry = Entry(kind, name, target, symbol, tuple(aliases), target.__module__)
         _REGISTRY[kind][name] = entry
         for alias in aliases:
             _ALIASES[kind][alias] = name
@@ -153,13 +153,31 @@ def discover() -> None:
             warnings.warn(f"chimera plugin '{ep.name}' ({ep.value}) failed to load: {exc!r}", stacklevel=2)
 
 
-def import_plugins(modules: Iterable[str], where: str = "plugins") -> None:
-    """Import the modules of a YAML ``plugins:`` list so that their components register themselves."""
+def import_plugins(modules: Iterable[str], where: str = "plugins", search: Iterable[str] = ()) -> None:
+    """Import the modules of a YAML ``plugins:`` list so that their components register themselves.
+
+    Importing a plugin runs its code, as any Python import does: list only modules you trust. Besides
+    ``sys.path``, modules are looked up in ``search`` (the experiment file's folder, then the working
+    directory), as ``python`` finds a module next to the script it runs.
+    """
+    import os
+    import sys
+
+    modules = [str(m) for m in modules]
+    if modules:
+        for folder in search:
+            folder = os.path.abspath(folder)
+            if folder not in sys.path:
+                sys.path.append(folder)
     for module in modules:
         try:
-            importlib.import_module(str(module))
+            importlib.import_module(module)
         except ImportError as exc:
-            raise ChimeraError(f"{where}: cannot import plugin module '{module}': {exc}") from exc
+            looked = ", ".join(os.path.abspath(f) for f in search)
+            raise ChimeraError(
+                f"{where}: cannot import plugin module '{module}': {exc}"
+                + (f" (also looked in {looked})" if looked else "")
+            ) from exc
 
 
 def names(kind: str) -> list[str]:
@@ -250,6 +268,14 @@ def validate(
     ]
     if missing:
         raise ChimeraError(f"{where}: {kind} '{name}' needs {', '.join(missing)}", key=where)
+    hints = entry.type_hints()
+    for key, value in kwargs.items():
+        if key in hints and not matches(value, hints[key]):
+            raise ChimeraError(
+                f"{where}.{key}: expected {type_name(hints[key])} for {kind} '{name}', got {value!r:.60} "
+                f"({type(value).__name__})",
+                key=f"{where}.{key}",
+            )
     check = getattr(entry.target, "validate_config", None)
     if check is not None:  # component-specific config-time checks (e.g. a decoder's layer pattern)
         check(kwargs, where)
@@ -263,11 +289,21 @@ def build(kind: str, node: Mapping[str, Any] | str, where: str = "", **derived: 
     params = {p.name for p in entry.params()}
     accepted_derived = {k: v for k, v in derived.items() if k in params or entry.accepts_var_kwargs()}
     try:
-        return entry.target(**kwargs, **accepted_derived)
+        obj = entry.target(**kwargs, **accepted_derived)
+    except ChimeraError as exc:
+        if exc.key is not None:
+            raise
+        raise ChimeraError(str(exc), key=where) from exc
     except (ValueError, TypeError) as exc:
         if isinstance(exc, TypeError) and "argument" not in str(exc):
             raise
-        raise ChimeraError(f"{where}: {kind} '{entry.name}' rejected its arguments: {exc}") from exc
+        raise ChimeraError(
+            f"{where}: {kind} '{entry.name}' rejected its arguments: {exc}", key=where
+        ) from exc
+    from toolkit.contracts import check
+
+    check(kind, obj, entry.name)
+    return obj
 
 
 def _plain(value: Any) -> Any:
@@ -279,3 +315,53 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a constructor annotation (int, float, bool, str, None, unions, Literal,
+    list/tuple/dict of those); annotations it does not know (tensors, modules, Any) accept anything."""
+    import types
+    import typing
+
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    from collections.abc import Mapping as AbcMapping
+    from collections.abc import Sequence as AbcSequence
+
+    if origin in (list, tuple, AbcSequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return all(matches(v, inner) for v in value)
+    if origin in (dict, AbcMapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            return False
+        if len(args) == 2:
+            return all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+        return True
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """``int | None`` style text for an annotation."""
+    import typing
+
+    text = str(hint) if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+    return text.replace("typing.", "").replace("NoneType", "None")

@@ -4,15 +4,30 @@ MLflow 3's file store raises, so the default is an explicit embedded sqlite stor
 (``sqlite:///<abs>/mlflow.db``); ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` point elsewhere. Params are
 immutable and truncated at 250 characters, so a run logs a short flat param set (dotted keys) and uploads
 the full resolved YAML as ``config.yaml``.
+
+Reliability: ``check_store`` is a fast preflight (a sqlite store's directory is writable; a server answers
+within seconds, where MLflow's own client retries for minutes). ``ensure_store`` creates a new embedded
+sqlite store atomically (schema built in a temporary file next to it, then renamed into place, under a file
+lock), so a kill during creation never leaves a half-built store; an existing store that is incomplete
+(left by a kill under an older Chimera, or by another tool) is reported in one line instead of MLflow's
+migration traceback. ``run_exists`` tells whether a recorded run id can still be logged to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
-from collections.abc import Mapping
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
+
+from toolkit.errors import ChimeraError
 
 PARAM_KEYS = (
     "seed",
@@ -96,17 +111,28 @@ def run_tags(cfg: Any, config_path: str | Path | None, overrides: list[str] | No
 
 
 def make_logger(cfg: Any, *, run_name: str, tags: Mapping[str, str], run_id: str | None = None):
-    """Lightning's MLFlowLogger with an explicit URI (its defaults crash on MLflow 3)."""
+    """Lightning's MLFlowLogger with an explicit URI (its defaults crash on MLflow 3); an embedded store is
+    created first (``ensure_store``)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    uri = ensure_store(tracking_uri(cfg))
     return MLFlowLogger(
         experiment_name=str(cfg.tracking.experiment),
         run_name=run_name,
-        tracking_uri=tracking_uri(cfg),
+        tracking_uri=uri,
+        artifact_location=artifact_location(uri),
         tags=dict(tags),
         run_id=run_id,
         log_model=False,
     )
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of an embedded store keeps its artifacts: ``mlartifacts/`` next to the database
+    (MLflow's default, ``./mlruns``, depends on the working directory); None for other stores (the server
+    decides). Experiments that exist keep their location."""
+    path = sqlite_path(uri)
+    return Path(path).parent.joinpath("mlartifacts").as_uri() if path else None
 
 
 def client(uri: str):
@@ -117,10 +143,13 @@ def client(uri: str):
 
 def start_parent_run(cfg: Any, *, run_name: str, tags: Mapping[str, str]) -> str:
     """A parent run for a staged recipe; each stage logs to a child run under it."""
-    c = client(tracking_uri(cfg))
+    uri = ensure_store(tracking_uri(cfg))
+    c = client(uri)
     experiment = c.get_experiment_by_name(str(cfg.tracking.experiment))
     experiment_id = (
-        experiment.experiment_id if experiment else c.create_experiment(str(cfg.tracking.experiment))
+        experiment.experiment_id
+        if experiment
+        else c.create_experiment(str(cfg.tracking.experiment), artifact_location=artifact_location(uri))
     )
     return c.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
 
@@ -150,14 +179,400 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
         c.log_metric(run_id, key, float(value), step=step)
 
 
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run terminated: ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted)."""
+    status = str(status).upper()
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"end_run: status must be one of {', '.join(TERMINAL_STATUSES)}, got {status!r}")
     client(uri).set_terminated(run_id, status=status)
 
 
 def best_metric(uri: str, run_id: str, key: str, mode: str = "max") -> float | None:
-    """Best value over a metric's history (``search_runs`` only returns the last value)."""
+    """Best value over a metric's history (``search_runs`` only returns the last value); None if never logged."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"best_metric: mode must be 'max' or 'min', got {mode!r}")
     history = client(uri).get_metric_history(run_id, key)
     if not history:
         return None
     values = [m.value for m in history]
     return max(values) if mode == "max" else min(values)
+
+
+def run_exists(uri: str, run_id: str | None) -> bool:
+    """Whether ``run_id`` is an active run of the store at ``uri`` (one that can still be logged to).
+
+    False for an id the store does not know (a run.json from another store, a damaged run.json, a malformed
+    id) and for a deleted run; other failures (an unreachable server) raise.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(run_id, str) or not run_id.strip():
+        return False
+    path = sqlite_path(uri)
+    if path is not None:
+        if not os.path.isfile(path):
+            return False  # the store was moved or deleted: do not create an empty one here
+        ensure_store(uri)  # a damaged store: one clear line, not MLflow's migration traceback
+    try:
+        run = client(uri).get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", None) in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+            "NOT_FOUND",
+        ):
+            return False
+        raise
+    return run.info.lifecycle_stage == "active"
+
+
+RUN_DIR_TAG = "chimera.run_dir"
+
+
+def run_dir_of(uri: str, run_id: str) -> str | None:
+    """The run folder recorded on MLflow run ``run_id`` (its ``chimera.run_dir`` tag, or its parent run's), or
+    None when the store does not hold such a run. A sqlite store that does not exist is not created."""
+    if not run_exists(uri, run_id):  # never creates a sqlite store
+        return None
+    c = client(uri)
+    tags = c.get_run(run_id).data.tags
+    if RUN_DIR_TAG in tags:
+        return tags[RUN_DIR_TAG]
+    parent = tags.get("mlflow.parentRunId")
+    if parent and run_exists(uri, parent):
+        return c.get_run(parent).data.tags.get(RUN_DIR_TAG)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the store
+_ENSURED: set[str] = set()  # sqlite stores this process has created or checked
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The absolute file path of a ``sqlite:///PATH`` URI (``sqlite:////abs`` or a path relative to the
+    working directory), or None for any other URI (in-memory sqlite included)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return os.path.abspath(path)
+
+
+def _redact(uri: str) -> str:
+    """The URI without credentials (``https://user:token@host`` -> ``https://***@host``)."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+    return uri
+
+
+def check_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when the tracking store at ``uri`` cannot work; call it before a run starts.
+
+    - ``sqlite:///PATH``: the directory exists (or is created) and is writable; an existing PATH is a
+      writable file.
+    - ``http(s)://``: the server answers ``GET /health`` within ``timeout_s`` (any HTTP answer below 500
+      counts; MLflow's own client would retry for minutes).
+    - a file store (``file:``, a plain path): refused, MLflow 3 no longer supports it.
+    - anything else (databricks, a database server URL): not checked.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        if path is not None:
+            _check_sqlite_writable(path)
+    elif scheme in ("http", "https"):
+        _check_server(uri, timeout_s)
+    elif scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        raise ChimeraError(
+            f"tracking.uri: '{_redact(uri)}' is an MLflow file store, which MLflow 3 no longer supports; "
+            "set tracking.uri to a sqlite:///ABS/PATH/mlflow.db store or an http(s):// server",
+            key="tracking.uri",
+        )
+
+
+def _check_sqlite_writable(path: str) -> None:
+    directory = os.path.dirname(path)
+    hint = "set tracking.uri to a sqlite:///... store in a writable directory"
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ChimeraError(
+            f"tracking.uri: cannot create {directory} for the MLflow store {path}: {e.strerror or e}; {hint}",
+            key="tracking.uri",
+        ) from e
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ChimeraError(f"tracking.uri: {path} exists and is not a file; {hint}", key="tracking.uri")
+    probe = os.path.join(directory, f".{os.path.basename(path)}.probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ChimeraError(
+            f"tracking.uri: cannot write to {directory} (the MLflow store's directory): {e.strerror or e}; {hint}",
+            key="tracking.uri",
+        ) from e
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    if os.path.isfile(path):
+        try:
+            with open(path, "r+b"):
+                pass
+        except OSError as e:
+            raise ChimeraError(
+                f"tracking.uri: cannot write to the MLflow store {path}: {e.strerror or e}; {hint}",
+                key="tracking.uri",
+            ) from e
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(uri)
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # IPv6 literal
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = parts._replace(netloc=netloc, query="", fragment="").geturl().rstrip("/") + "/health"
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                outcome["status"] = response.status
+        except urllib.error.HTTPError as e:
+            outcome["status"] = e.code
+        except urllib.error.URLError as e:
+            outcome["error"] = str(e.reason)
+        except Exception as e:  # timeouts, resets, bad URLs
+            outcome["error"] = f"{type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=probe, name="chimera-mlflow-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)  # the whole probe (DNS included) is bounded, not each socket operation
+    if thread.is_alive():
+        problem = "no answer"
+    elif "error" in outcome:
+        problem = outcome["error"]
+    elif outcome.get("status", 0) >= 500:
+        problem = f"HTTP {outcome['status']} from {_redact(uri).rstrip('/')}/health"
+    else:
+        return
+    raise ChimeraError(
+        f"tracking.uri: cannot reach MLflow server at {_redact(uri)} within {timeout_s:g} s: {problem}; "
+        "start it or set tracking.uri to a sqlite:///... store",
+        key="tracking.uri",
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: str, timeout_s: float, what: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_path`` (created if needed, never removed), waiting up to ``timeout_s``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; creation is still atomic, only the race is unguarded
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ChimeraError(
+                        f"tracking.uri: {what} is locked by another process ({lock_path}) for more than "
+                        f"{timeout_s:g} s (another run is creating or checking it); try again once it has started",
+                        key="tracking.uri",
+                    ) from None
+                time.sleep(0.1)
+            except OSError:  # a filesystem without flock (some network mounts): go on unguarded
+                locked = False
+                break
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def ensure_store(uri: str, timeout_s: float = 120.0) -> str:
+    """Make sure an embedded ``sqlite:///PATH`` store exists and is complete; returns ``uri``.
+
+    A missing (or empty) store is created atomically: MLflow builds the schema in a temporary file next to
+    PATH, which is then renamed to PATH, all under an exclusive lock on ``PATH.lock`` (waiting up to
+    ``timeout_s``), so a kill leaves either no store or a complete one, and concurrent processes create it
+    once. An existing store must be at the installed MLflow's schema revision with every table: otherwise
+    (a store left half-built by a kill, a store of another MLflow version, not a database) it raises one
+    ChimeraError line saying what to do. Other URIs are returned unchanged (see ``check_store``). Checked
+    once per process and URI; call it on rank 0 only, before the first MLflow call of a run.
+    """
+    path = sqlite_path(uri)
+    if path is None or (uri in _ENSURED and os.path.isfile(path)):
+        return uri
+    _check_sqlite_writable(path)
+    with _file_lock(f"{path}.lock", timeout_s, f"the MLflow store {path}"):
+        _remove_stale_store_temporaries(path)
+        if not os.path.exists(path) or _is_empty_store(path):
+            _create_store(path)
+        else:
+            _check_schema(uri, path)
+    _ENSURED.add(uri)
+    return uri
+
+
+def _store_temporary_prefix(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-")
+
+
+def _remove_stale_store_temporaries(path: str) -> None:
+    """Temporary stores of killed ``ensure_store`` calls (``.NAME.tmp-PID-HEX`` and its journal)."""
+    prefix = os.path.basename(_store_temporary_prefix(path))
+    directory = os.path.dirname(path)
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running (only possible without flock)
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=30)
+
+
+def _is_empty_store(path: str) -> bool:
+    """An empty file, or a database with no table but alembic's (what a kill before any DDL leaves)."""
+    if os.path.getsize(path) == 0:
+        return True
+    try:
+        con = _connect_read_only(path)
+        try:
+            names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False  # reported by _check_schema
+    return all(name.startswith("alembic_") for name in names)
+
+
+def _create_store(path: str) -> None:
+    """Build a store in a temporary file next to ``path`` and rename it into place."""
+    tmp = f"{_store_temporary_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        store_client = client(f"sqlite:///{tmp}")
+        store_client.search_experiments(max_results=1)  # creates every table and the Default experiment
+        with contextlib.suppress(Exception):  # close pooled connections before the file moves
+            store_client._tracking_client.store.engine.dispose()
+        for suffix in ("-journal", "-wal"):
+            if os.path.exists(tmp + suffix):
+                raise RuntimeError(f"sqlite left {tmp + suffix} behind")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except ChimeraError:
+        raise
+    except Exception as e:
+        raise ChimeraError(
+            f"tracking.uri: cannot create the MLflow store {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+            key="tracking.uri",
+        ) from e
+    finally:
+        for leftover in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _expected_schema() -> tuple[str | None, set[str], Any]:
+    """(head revision, ORM table names, alembic ScriptDirectory or None) of the installed MLflow."""
+    import mlflow.store.db.utils as db_utils  # imports every ORM model, as MLflow's own table check does
+    from mlflow.store.db.base_sql_model import Base
+
+    tables = set(Base.metadata.tables)
+    try:
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(db_utils._get_alembic_config(db_url=""))
+        heads = script.get_heads()
+        return (heads[0] if len(heads) == 1 else None), tables, script
+    except Exception:  # private MLflow API moved: check the tables only
+        return None, tables, None
+
+
+def _check_schema(uri: str, path: str) -> None:
+    import mlflow
+
+    move = f"move it aside (mv {path} {path}.broken) and run again to start a new store"
+    try:
+        con = _connect_read_only(path)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            revisions = (
+                [r[0] for r in con.execute("SELECT version_num FROM alembic_version")]
+                if "alembic_version" in tables
+                else []
+            )
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise ChimeraError(
+            f"tracking.uri: the MLflow store {path} is not a readable SQLite database ({e}); {move}",
+            key="tracking.uri",
+        ) from e
+    head, expected, script = _expected_schema()
+    revision = revisions[0] if len(revisions) == 1 else None
+    missing = sorted(expected - tables)
+    if (head is None or revision == head) and not missing:
+        return
+    if revision is not None and script is not None:
+        try:
+            known = script.get_revision(revision) is not None
+        except Exception:
+            known = False
+        if not known:
+            raise ChimeraError(
+                f"tracking.uri: the MLflow store {path} has schema revision {revision}, which MLflow "
+                f"{mlflow.__version__} does not know (written by a newer MLflow?): upgrade mlflow, or set "
+                "tracking.uri to another store",
+                key="tracking.uri",
+            )
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    detail = (
+        f"schema revision {revision or 'none'}, MLflow {mlflow.__version__} expects {head or 'its latest'}"
+    )
+    if missing:
+        detail += f"; {len(missing)} tables missing: {shown}"
+    raise ChimeraError(
+        f"tracking.uri: the MLflow store {path} is incomplete ({detail}): a run was probably killed while "
+        f"it created the store; {move}, or, if it holds runs of an older MLflow, back it up and run "
+        f"'mlflow db upgrade {uri}'",
+        key="tracking.uri",
+    )

@@ -114,7 +114,7 @@ class Mixture(Dataset):
     @staticmethod
     def vocabulary(parts: list[dict[str, Any]]) -> list[str]:
         """The union of the parts' vocabularies (sorted), for the offline word-level tokenizer."""
-        from toolkit.data.datamodule import dataset_vocabulary
+        from toolkit.data.vocabulary import dataset_vocabulary
 
         _check(parts, None, "mixture")
         words: set[str] = set()

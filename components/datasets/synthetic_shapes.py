@@ -1,4 +1,4 @@
-"""Synthetic shapes: procedural single- and multi-image VQA that needs no download.
+"""``synthetic_shapes``: procedural single- and multi-image VQA that needs no download.
 
 Each image shows one coloured shape (circle, square, triangle or cross; red, green, blue, yellow, purple or
 orange) at a random position and size on a grey background with light noise, drawn with torch ops only.
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from toolkit.data.markup import IMAGE as _IMAGE  # the placeholder the collator expands
 from toolkit.errors import did_you_mean
 from toolkit.registry import register
 
@@ -42,7 +43,6 @@ SHAPES = ("circle", "square", "triangle", "cross")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 TASKS = ("color", "shape", "caption", "compare")
 
-_IMAGE = "<image>"  # the placeholder (toolkit.data.tokenizer.IMAGE; not imported to keep transformers out)
 _QUESTIONS = {
     "color": "what color is the shape ?",
     "shape": "what shape is in the image ?",

@@ -108,12 +108,18 @@ class HybridDecoder(nn.Module):
 
     @classmethod
     def validate_config(cls, kwargs: Mapping[str, Any], where: str) -> None:
-        """Config-time checks (no building): the pattern parses and every mixer/ffn argument is known."""
-        cls.resolve_pattern(
+        """Config-time checks (no building): the pattern parses, every mixer/ffn argument is known, and every
+        mixer and FFN the pattern uses has its required arguments (e.g. ``jamba`` needs ``ffns.moe.d_ff``)."""
+        layers = cls.resolve_pattern(
             str(kwargs.get("pattern", "transformer")), kwargs.get("n_layers"), kwargs.get("ssm", "mamba")
         )
+        letters = symbols()
+        used = {letters[ch].name: letters[ch].kind for layer in layers for ch in layer}
         for group, kind in (("mixers", "mixer"), ("ffns", "ffn")):
-            for name, args in (kwargs.get(group) or {}).items():
+            nodes = dict(kwargs.get(group) or {})
+            for name in [n for n, k in used.items() if k == kind and n not in nodes]:
+                nodes[name] = {}
+            for name, args in nodes.items():
                 validate(kind, {"name": name, **(args or {})}, f"{where}.{group}.{name}")
 
     @property

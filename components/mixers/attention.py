@@ -94,6 +94,14 @@ class Attention(nn.Module):
             torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         )
 
+    def flops_per_token(self, seq_len: float) -> float:
+        """Forward FLOPs per token of the scores and the weighted sum (QK^T, AV) over ``seq_len`` positions.
+
+        2 * 2 * n_heads * head_dim * seq_len, with no causal discount (PaLM's MFU convention); the projections
+        are counted from the parameters by ``toolkit.perf.FlopsModel``.
+        """
+        return 4.0 * self.n_heads * self.head_dim * seq_len
+
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
         """x: [B, L, d_model] -> [B, L, d_model]; with ``state``, attend to the cached past and append to it."""
         B, L, _ = x.shape

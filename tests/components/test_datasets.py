@@ -1,17 +1,19 @@
-"""Synthetic shapes: determinism, answers that agree with the pixels, vocabulary, chance accuracy."""
+"""Datasets: synthetic shapes (determinism, answers that agree with the pixels, vocabulary, chance accuracy),
+the mixture, and the rule that dataset components import no trainer."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from components.datasets.mixture import Mixture
+from components.datasets.synthetic_shapes import COLORS, ORDINALS, SHAPES, SyntheticShapes
+from tests.conftest import ROOT
 from toolkit import registry
 from toolkit.data.collate import encode
-from toolkit.data.synthetic import COLORS, ORDINALS, SHAPES, SyntheticShapes
 from toolkit.data.tokenizer import build_word_tokenizer
 from toolkit.errors import ChimeraError
 
@@ -168,9 +170,30 @@ def test_bad_arguments(kwargs, expected):
         registry.build("dataset", {"name": "synthetic_shapes", **kwargs}, "data.train", image_size=32)
 
 
-def test_generation_is_fast():
-    ds = SyntheticShapes(size=2000, image_size=32, tasks=["color", "shape", "caption"])
-    start = time.perf_counter()
-    for i in range(len(ds)):
-        ds[i]
-    assert time.perf_counter() - start < 10.0  # about 0.5 s on one free core
+def test_mixture_interleaves_parts_by_weight_and_unions_vocabularies():
+    parts = [
+        {"name": "synthetic_shapes", "size": 10, "tasks": ["compare"], "images_per_sample": 2},
+        {"name": "synthetic_shapes", "size": 4, "tasks": ["color"]},
+    ]
+    node = {"name": "mixture", "parts": parts, "weights": [3, 1], "size": 8, "seed": 1}
+    mix = registry.build("dataset", node, "data.train", image_size=8)
+    assert isinstance(mix, Mixture) and len(mix) == 8 and mix.counts == [6, 2]
+    n_images = [mix[i]["images"].shape[0] for i in range(8)]
+    assert sorted(n_images) == [1, 1, 2, 2, 2, 2, 2, 2] and n_images != sorted(n_images)
+    assert Mixture.vocabulary(parts) == SyntheticShapes.vocabulary()
+    with pytest.raises(ChimeraError, match="data.train.weights: expected 2 weights"):
+        registry.validate("dataset", {**node, "weights": [1]}, "data.train")
+
+
+def test_dataset_components_import_no_trainer_cli_or_transformers():
+    """Components sit below the toolkit: importing them pulls in neither Lightning nor the CLI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, components.datasets, components.templates\n"
+        "bad = [m for m in ('lightning', 'transformers', 'toolkit.cli', 'toolkit.train', 'toolkit.module') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

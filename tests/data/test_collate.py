@@ -1,4 +1,4 @@
-"""Prompt template, target masks, image-slot expansion, truncation and batching."""
+"""Target masks, image-slot expansion, the target check, truncation and batching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from toolkit.data.collate import IGNORE_INDEX, Collator, encode
-from toolkit.data.conversation import render
+from toolkit.data.template import ChatTemplate, Encoded, build_template
 from toolkit.data.tokenizer import IMAGE, IMG_END, IMG_START, build_word_tokenizer, image_token_id
 from toolkit.errors import ChimeraError
 
@@ -37,45 +37,6 @@ def sample(n_images, question="what color is the shape ?", answer="red", sid="s0
         "images": images.clone() / 10,
         "conversations": [human(f"{placeholders}\n{question}" if n_images else question), gpt(answer)],
     }
-
-
-# -- conversation template -----------------------------------------------------------------------------
-
-
-def test_render_one_turn_exactly():
-    segments = render([human(f"{IMAGE}\nwhat color is the shape ?"), gpt("red")], "sample 'x'")
-    assert segments == [
-        ("<s>", False),
-        ("USER: <img><image></img>\nwhat color is the shape ? ASSISTANT:", False),
-        (" red</s>", True),
-    ]
-
-
-def test_render_two_turns_targets_only_answers():
-    segments = render([human("a ?"), gpt("b"), human("c ?"), gpt("d")], "x", bos=None, eos="[E]")
-    assert "".join(t for t, _ in segments) == "USER: a ? ASSISTANT: b[E]USER: c ? ASSISTANT: d[E]"
-    assert [t for t, target in segments if target] == [" b[E]", " d[E]"]
-
-
-@pytest.mark.parametrize(
-    "conversations, expected",
-    [
-        ([], "'conversations' is empty"),
-        ("hello", "must be a list"),
-        ([human("a"), {"from": "bot", "value": "b"}], "turn 1: 'from' is 'bot'"),
-        ([human("a"), human("b")], "turn 1: two 'human' turns in a row"),
-        ([gpt("a"), human("b")], "turn 0: a 'gpt' turn without a 'human'"),
-        ([human("a"), gpt("b"), human("c")], "turn 2: the conversation ends with a 'human' turn"),
-        ([human("a"), gpt(f"b {IMAGE}")], "turn 1: '<image>' in a 'gpt' turn"),
-        ([human("a"), {"from": "gpt", "value": 3}], "turn 1: 'value' must be a string"),
-        ([human("a"), {"from": "gpt"}], "turn 1: expected a mapping with 'from' and 'value'"),
-    ],
-)
-def test_render_rejects_malformed_conversations(conversations, expected):
-    with pytest.raises(ChimeraError) as info:
-        render(conversations, "data.train sample 'abc'")
-    assert str(info.value).startswith("data.train sample 'abc': ")
-    assert expected in str(info.value)
 
 
 # -- encode ----------------------------------------------------------------------------------------------
@@ -152,7 +113,7 @@ def test_collator_batch_contract(tok):
     enc = [encode(s, tok, K, 512) for s in samples]
     lengths = [e["input_ids"].shape[0] for e in enc]
     B, T = 3, max(lengths)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "images", "n_target_tokens"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "images", "n_truncated"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (B, T)
     for i, (e, n) in enumerate(zip(enc, lengths)):
         assert torch.equal(batch["input_ids"][i, :n], e["input_ids"])
@@ -164,8 +125,12 @@ def test_collator_batch_contract(tok):
     assert batch["images"][:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.1, 0.2, 0.3])
     assert int((batch["input_ids"] == image_token_id(tok)).sum()) == 4 * K
     # answers + </s>: 2 + 4 + 2 target tokens, none at position 0
-    assert batch["n_target_tokens"].ndim == 0 and int(batch["n_target_tokens"]) == 8
-    assert int(batch["n_target_tokens"]) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert (
+        int((batch["labels"] != IGNORE_INDEX).sum())
+        == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        == 8
+    )
+    assert batch["n_truncated"].ndim == 0 and int(batch["n_truncated"]) == 0
 
 
 def test_collator_without_images(tok):
@@ -176,3 +141,118 @@ def test_collator_without_images(tok):
 def test_collator_rejects_mixed_image_sizes(tok):
     with pytest.raises(ChimeraError, match="'small' \\(3, 8, 8\\).*'big' \\(3, 16, 16\\)"):
         Collator(tok, K, 512)([sample(1, sid="small"), sample(1, sid="big", size=16)])
+
+
+def test_collator_counts_truncated_samples(tok):
+    s = sample(1, answer="a blue circle", sid="cut")
+    full = encode(s, tok, K, 512)["input_ids"].shape[0]
+    batch = Collator(tok, K, max_length=full - 1)([s, sample(0, sid="short"), s])
+    assert int(batch["n_truncated"]) == 2 and batch["input_ids"].shape[1] == full - 1
+    assert encode(s, tok, K, full - 1)["truncated"] and not encode(s, tok, K, full)["truncated"]
+
+
+# -- templates and the target check ------------------------------------------------------------------------
+
+
+def test_default_template_keeps_the_segment_wise_ids(tok):
+    """vicuna_v1 tokenizes the whole prompt at once; ids and labels equal the old per-segment encoding."""
+    s = sample(2, sid="two")
+    s["conversations"] += [human("describe the shape ."), gpt("a blue circle")]
+    out = encode(s, tok, image_tokens=1, max_length=512)
+    q1 = "<img><image></img> <img><image></img>\nwhat color is the shape ?"
+    segments = [("<s>", False), (f"USER: {q1} ASSISTANT:", False), (" red</s>", True)]
+    segments += [("USER: describe the shape . ASSISTANT:", False), (" a blue circle</s>", True)]
+    ids, labels = [], []
+    for text, target in segments:
+        piece = tok.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if target else [IGNORE_INDEX] * len(piece)
+    assert out["input_ids"].tolist() == ids and out["labels"].tolist() == labels
+
+
+def test_template_argument_selects_the_prompt_format():
+    tok3 = build_word_tokenizer(WORDS, template="llama3")
+    s = sample(1)
+    for template in ("llama3", {"name": "llama3"}):
+        out = encode(s, tok3, K, 512, template=template)
+        tokens = tok3.convert_ids_to_tokens(out["input_ids"].tolist())
+        assert tokens[:4] == ["<s>", "<|start_header_id|>", "user", "<|end_header_id|>"]
+        targets = tok3.convert_ids_to_tokens(out["labels"][out["labels"] != IGNORE_INDEX].tolist())
+        assert targets == ["red", "<|eot_id|>"]
+    batch = Collator(tok3, K, 512, template="llama3")([s])
+    assert torch.equal(batch["input_ids"][0], encode(s, tok3, K, 512, template="llama3")["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "turn, value, markup",
+    [(0, "look: <img> what color is the shape ?", "<img>"), (1, "red</s>", "</s>"), (1, "<s> red", "<s>")],
+)
+def test_markup_typed_into_text_names_the_sample(tok, turn, value, markup):
+    s = sample(1, sid="typed-7")
+    s["conversations"][turn]["value"] = value if turn else f"{IMAGE} {value}"
+    with pytest.raises(ChimeraError) as info:
+        Collator(tok, K, 512, where="data.train")([sample(0), s])
+    msg = str(info.value)
+    assert (
+        msg.startswith("data.train sample 'typed-7': turn ")
+        and f"markup '{markup}' typed into the text" in msg
+    )
+
+
+class _Shifted(ChatTemplate):
+    """vicuna-like, but the target segment starts inside the prompt ('ASSISTANT:' is trained on)."""
+
+    name = "shifted"
+
+    def segments(self, messages, tokenizer):
+        out = [(tokenizer.bos_token, False)]
+        for m in messages:
+            if m["role"] == "user":
+                out.append(("USER: " + m["content"], False))
+            else:
+                out.append((" ASSISTANT: " + m["content"] + tokenizer.eos_token, True))
+        return out
+
+
+class _Overmarked:
+    """Computes ids and mask itself (as 'hf' does) and also marks BOS: the texts hold only the answers."""
+
+    name = "overmarked"
+    markup = ()
+
+    def words(self):
+        return []
+
+    def encode(self, conversations, tokenizer, where):
+        encoded = build_template("vicuna_v1").encode(conversations, tokenizer, where)
+        return Encoded(encoded.ids, [True, *encoded.mask[1:]], encoded.targets)
+
+
+class _Silent(ChatTemplate):
+    """Marks nothing: the silent mask a chat template without {% generation %} would give."""
+
+    name = "silent"
+
+    def segments(self, messages, tokenizer):
+        return [(m["content"] + " ", False) for m in messages]
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (_Shifted(), "target span 0 is ' ASSISTANT: red</s>', which holds 'ASSISTANT:' besides answer 0"),
+        (
+            _Overmarked(),
+            "marks 3 target tokens but the assistant answers (with their end-of-turn tokens) are 2",
+        ),
+        (_Silent(), "marks 0 target span(s) but the conversation has 1 'gpt' answer(s)"),
+    ],
+)
+def test_targets_other_than_the_answers_are_an_error(tok, template, expected):
+    s = sample(1, sid="row-9")
+    with pytest.raises(ChimeraError) as info:
+        encode(s, tok, K, 512, where="data.val", template=template)
+    assert str(info.value).startswith("data.val sample 'row-9': template ")
+    assert expected in str(info.value)
+    with pytest.raises(ChimeraError, match="data.template '.*' on a minimal sample 'probe'"):
+        Collator(tok, K, 512, template=template)

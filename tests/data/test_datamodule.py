@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from components.datasets.synthetic_shapes import SyntheticShapes
 from toolkit import registry
 from toolkit.data.datamodule import ChimeraDataModule, SeededSampler, dataset_vocabulary
-from toolkit.data.synthetic import SyntheticShapes
 from toolkit.data.tokenizer import build_word_tokenizer, image_token_id
 from toolkit.errors import ChimeraError
 
@@ -122,8 +122,34 @@ def test_train_loader_batch_has_the_documented_shapes(tok):
     assert batch["labels"].shape == batch["attention_mask"].shape == (B, T)
     assert batch["images"].shape == (8, 3, 16, 16) and batch["images"].dtype == torch.float32
     assert int((batch["input_ids"] == image_token_id(tok)).sum()) == 8 * 4
-    assert batch["n_target_tokens"].ndim == 0 and int(batch["n_target_tokens"]) >= 2 * B
+    assert int((batch["labels"] != -100).sum()) >= 2 * B  # every answer and its </s>
+    assert batch["n_truncated"].ndim == 0 and int(batch["n_truncated"]) == 0
     assert dm.train_dataset.image_size == 16 and dm.train_dataset.seed == 0
+
+
+def test_template_is_built_once_and_reaches_the_collator(tok):
+    from omegaconf import OmegaConf
+
+    default = make(tok)
+    assert default.template.name == "vicuna_v1"
+    tok3 = build_word_tokenizer(SyntheticShapes.vocabulary(), template="chatml")
+    dm = make(tok3, template=OmegaConf.create({"name": "chatml", "system": None}))
+    assert dm.template.name == "chatml" and dm.template.system is None
+    loader = dm.train_dataloader()
+    assert loader.collate_fn.template is dm.template
+    ids = next(iter(loader))["input_ids"][0].tolist()
+    assert tok3.convert_ids_to_tokens(ids[:2]) == ["<|im_start|>", "user"]
+    with pytest.raises(
+        ChimeraError, match="data.template.name: unknown template 'chatlm'.*did you mean 'chatml'"
+    ):
+        make(tok, template={"name": "chatlm"})
+    with pytest.raises(ChimeraError, match="data.template.sistem: unknown argument"):
+        make(tok, template={"name": "chatml", "sistem": "x"})
+
+
+def test_truncated_samples_are_counted_per_batch(tok):
+    loader = make(tok, max_length=10).val_dataloader()  # every prompt is longer than 10 tokens
+    assert [int(b["n_truncated"]) for b in loader] == [8, 2]
 
 
 def test_train_order_follows_seed_and_epoch(tok):

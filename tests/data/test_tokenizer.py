@@ -115,3 +115,38 @@ def test_image_token_id_requires_the_placeholder():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     with pytest.raises(ChimeraError, match="<image>"):
         image_token_id(tok)
+
+
+# -- the prompt template's words and control tokens --------------------------------------------------------
+
+
+def test_default_template_words_only(tok):
+    """vicuna_v1 adds its words (USER, :, ASSISTANT) and no control token: the vocabulary is unchanged."""
+    expected = sorted(set(WORDS) | {"user", ":", "assistant"})
+    assert [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])] == [
+        *SPECIAL_TOKENS,
+        *expected,
+    ]
+    assert build_word_tokenizer(WORDS, template={"name": "vicuna_v1"}).get_vocab() == tok.get_vocab()
+
+
+def test_template_control_tokens_follow_the_special_tokens():
+    tok = build_word_tokenizer(WORDS, template="chatml")
+    n = len(SPECIAL_TOKENS)
+    assert tok.convert_ids_to_tokens([n, n + 1]) == ["<|im_start|>", "<|im_end|>"]
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tok.all_special_tokens)
+    # Qwen2's default system prompt is in the vocabulary; control tokens are never split
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nwhat ?<|im_end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids)[:3] == ["<|im_start|>", "system", "you"]
+    both = build_word_tokenizer(WORDS, template=["llama3", {"name": "jamba"}])
+    assert {"<|eot_id|>", "<|User|>", "<|Assistant|>"} <= set(both.get_vocab())
+    assert load_tokenizer(None, WORDS, template="chatml").get_vocab() == tok.get_vocab()
+
+
+def test_unknown_template_is_a_config_error():
+    with pytest.raises(
+        ChimeraError, match="data.template.name: unknown template 'lama3'.*did you mean 'llama3'"
+    ):
+        build_word_tokenizer(WORDS, template="lama3")

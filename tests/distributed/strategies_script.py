@@ -19,7 +19,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from toolkit.train import is_global_zero, train  # noqa: E402
+from toolkit.ranks import is_global_zero  # noqa: E402
+from toolkit.train import train  # noqa: E402
 
 
 def main(config: str, out: str) -> None:

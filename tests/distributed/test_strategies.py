@@ -136,12 +136,12 @@ def test_fsdp_sharded_checkpoint_resumes_into_the_same_run_and_state(runs):
 
 
 def test_consolidated_export_loads_in_one_process(runs):
+    from toolkit.assemble import build_parts
     from toolkit.checkpointing import load_weights, read_state_dict
-    from toolkit.config import load_config
-    from toolkit.train import build_parts, build_tokenizer
+    from toolkit.plan import load_plan
 
     sharded_dir = Path(runs["fsdp_sharded"]["run_dir"]) / "checkpoints" / "last.ckpt"
-    exported = read_state_dict(runs["fsdp_sharded"]["weights"])  # final.pt, written by rank 0
+    exported = read_state_dict(runs["fsdp_sharded"]["weights"])  # final.safetensors, written by rank 0
     from_dcp = read_state_dict(sharded_dir)  # the DCP directory, consolidated here
     gathered = read_state_dict(
         Path(runs["fsdp_full"]["run_dir"]) / "checkpoints" / "last.ckpt"
@@ -152,8 +152,8 @@ def test_consolidated_export_loads_in_one_process(runs):
         assert torch.equal(from_dcp[name], value), name
     single = read_state_dict(runs["single"]["weights"])
     assert max((single[n] - gathered[n]).abs().max().item() for n in gathered) < 1e-4
-    cfg = load_config(runs["config"])
-    model, _ = build_parts(cfg, build_tokenizer(cfg))
+    plan = load_plan(runs["config"])
+    model, _ = build_parts(plan.cfg, plan.tokenizer)
     load_weights(model, runs["fsdp_sharded"]["weights"])  # strict: every key of the model
     for name, value in model.state_dict().items():
         if name in gathered:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from toolkit import registry
 from toolkit.cli import main
 
 CLIP_336 = "vit_large_patch14_clip_336.openai"
@@ -18,7 +19,7 @@ def test_components_json_lists_every_kind_with_params(capsys):
     assert main(["components", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by = {(r["kind"], r["name"]): r for r in rows}
-    assert {k for k, _ in by} == {"encoder", "pooler", "connector", "mixer", "ffn", "decoder", "dataset"}
+    assert {k for k, _ in by} == set(registry.KINDS)
     pool2d = {p["name"]: p for p in by[("pooler", "pool2d")]["params"]}
     assert pool2d["stride"]["default"] == 2 and not pool2d["stride"]["required"]
     assert by[("mixer", "mamba")]["symbol"] == "m" and by[("ffn", "moe")]["symbol"] == "E"
@@ -106,15 +107,30 @@ def test_train_end_to_end_logs_to_mlflow(tiny_experiment, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "override",
+    "override, part, name",
     [
-        ["model.pooler.name=pool1d"],
-        ["model.connector.name=linear"],
-        ["model.encoder.model_name=vit_so400m_patch14_siglip_384"],  # SigLIP architecture: no CLS token
+        (["model.pooler.name=pool1d"], "pooler", "pool1d"),
+        (["model.connector.name=linear"], "connector", "linear"),
+        # SigLIP architecture: no CLS token, a different timm model
+        (["model.encoder.model_name=vit_so400m_patch14_siglip_384"], "encoder", "timm_vit"),
     ],
 )
-def test_swapped_parts_train_with_no_other_edit(tiny_experiment, override):
+def test_swapped_parts_train_with_no_other_edit(tiny_experiment, override, part, name):
+    """One override swaps the part: the trained weights are exactly those of a model with the new part."""
+    from toolkit import registry
+    from toolkit.assemble import build_model
+    from toolkit.checkpointing import load_weights
+    from toolkit.plan import load_plan
     from toolkit.train import train
 
-    result = train(tiny_experiment, [*override, "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    overrides = [*override, "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    plan = load_plan(tiny_experiment, overrides)
+    result = train(plan)
     assert result.stages[0].metrics["train/loss"] > 0
+    model = build_model(plan.cfg, plan.tokenizer)
+    assert type(getattr(model, part)) is registry.get(part, name).target
+    load_weights(model, result.stages[0].checkpoint)  # strict: the trained model had this structure
+    if part == "encoder":
+        assert model.encoder.grid is not None and model.encoder.num_tokens == 16  # no CLS: patches only
+        timm_name = model.encoder.model.pretrained_cfg["architecture"]
+        assert timm_name.startswith("vit_so400m_patch14_siglip")

@@ -48,7 +48,7 @@ def test_base_inheritance_relative_paths_and_order(tmp_path):
     assert cfg.optim.lr == 0.5 and cfg.optim.warmup_steps == 5  # the file wins over its bases, merged deeply
     assert cfg.trainer.max_steps == 7  # command line wins over everything
     assert cfg.data.batch_size == 16  # embedded default
-    assert cfg.name == "e_max_steps=7"
+    assert cfg.name == "e-trainer.max_steps=7"
 
 
 def test_one_line_component_swap(tiny_experiment):

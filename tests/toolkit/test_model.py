@@ -63,9 +63,9 @@ def test_placeholder_image_count_mismatch_is_a_clear_error(model):
 
 def test_loss_only_on_target_tokens_and_gradients_reach_every_trainable_part(model):
     model.train()
-    ids = torch.tensor([[1] + [IMG] * model.image_tokens + [5, 6, 7, 2]])
+    ids = torch.tensor([[1] + [IMG] * model.image_tokens + [5, 6, 7, 2]])  # T = 9
     labels = torch.full_like(ids, -100)
-    labels[0, -3:] = ids[0, -3:]
+    labels[0, -3:] = ids[0, -3:]  # targets at positions 6, 7, 8: predicted by the logits at 5, 6, 7
     logits = model(ids, torch.rand(1, 3, 16, 16))
     loss_sum, n, exact = token_losses(logits, labels)
     assert int(n) == 3 and exact.shape == (1,)
@@ -73,16 +73,45 @@ def test_loss_only_on_target_tokens_and_gradients_reach_every_trainable_part(mod
     for name, p in model.named_parameters():
         if p.requires_grad and "lm_head" not in name:
             assert p.grad is not None, name
-    # changing a non-target label leaves the loss unchanged
-    labels2 = labels.clone()
-    labels2[0, 0] = -100
-    assert torch.equal(token_losses(logits, labels2)[0], loss_sum)
+    logits, loss_sum = logits.detach(), loss_sum.detach()
+    # a target changes the loss: another token, or no target at all there
+    other = labels.clone()
+    other[0, -1] = 3
+    assert not torch.allclose(token_losses(logits, other)[0], loss_sum)
+    dropped = labels.clone()
+    dropped[0, -1] = -100
+    dropped_sum, dropped_n, _ = token_losses(logits, dropped)
+    assert int(dropped_n) == 2 and dropped_sum < loss_sum
+    # the first label is no target (no position predicts it), whatever it holds
+    first = labels.clone()
+    first[0, 0] = 7
+    first_sum, first_n, _ = token_losses(logits, first)
+    assert int(first_n) == 3 and torch.equal(first_sum, loss_sum)
+    # logits at non-target positions (the text start and image positions, and the last one) do not count
+    noisy = logits.clone()
+    noisy[0, :5] += 10 * torch.randn_like(noisy[0, :5])
+    noisy[0, 8] += 10 * torch.randn_like(noisy[0, 8])
+    assert torch.equal(token_losses(noisy, labels)[0], loss_sum)
+    noisy[0, 6] += 10 * torch.randn_like(noisy[0, 6])  # ... and at a target position they do
+    assert not torch.allclose(token_losses(noisy, labels)[0], loss_sum)
 
 
-def test_pool_after_connector(model):
-    cfg = dict(TINY_MODEL, pool_after_connector=True)
-    m = build_model(cfg, vocab_size=100, image_token_id=IMG)
-    assert m.encode_images(torch.rand(2, 3, 16, 16)).shape == (2, 4, 32)
+def test_pool_after_connector_pools_the_connectors_output_not_its_input():
+    # widths differ (encoder 32 -> decoder 48) and the connector is nonlinear (Linear, GELU, Linear), so the
+    # two orders give different features; average pooling alone would commute with a linear connector
+    cfg = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "d_model": 48}}
+    before = build_model(cfg, vocab_size=100, image_token_id=IMG).eval()
+    after = build_model({**cfg, "pool_after_connector": True}, vocab_size=100, image_token_id=IMG).eval()
+    after.load_state_dict(before.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        feats = before.encoder(x)  # [2, 16, 32]
+        pool_first = before.connector(before.pooler(feats))  # [2, 4, 48]
+        connect_first = before.pooler(before.connector(feats))  # [2, 4, 48]
+        assert pool_first.shape == connect_first.shape == (2, 4, 48)
+        assert not torch.allclose(pool_first, connect_first, atol=1e-3)
+        assert torch.allclose(before.encode_images(x), pool_first, atol=1e-6)
+        assert torch.allclose(after.encode_images(x), connect_first, atol=1e-6)
 
 
 def test_count_params_counts_tied_weights_once():

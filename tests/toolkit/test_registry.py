@@ -31,6 +31,9 @@ def test_build_checks_keys_before_building():
         def __init__(self, in_dim: int, out_dim: int, depth: int = 2):
             built.append(depth)
 
+        def forward(self, x):
+            return x
+
     try:
         with pytest.raises(
             ChimeraError, match=r"model.connector.deph: unknown argument .*did you mean 'depth'"

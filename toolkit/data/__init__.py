@@ -1,13 +1,19 @@
-"""The data layer: LLaVA-format samples -> tokens with image slots -> batches, plus a synthetic suite.
+"""The data machinery: LLaVA-format samples -> prompt template -> tokens with image slots -> batches.
 
-- ``tokenizer``:    special tokens, an offline word-level tokenizer, loading a local pretrained one.
-- ``conversation``: the prompt template (Vicuna v1 with LongLLaVA's ``<img><image></img>`` markup).
-- ``collate``:      ``encode`` one sample, ``Collator`` for batches (the documented batch contract).
-- ``synthetic``:    ``synthetic_shapes``, procedural coloured-shape VQA (registered dataset).
-- ``datamodule``:   ``ChimeraDataModule``, ``SeededSampler``, ``dataset_vocabulary``.
+Datasets are components (``components/datasets``), and so are prompt templates (``components/templates``);
+this package holds what they share:
 
-Names are imported lazily, so importing ``toolkit.data.synthetic`` (an entry point) does not pull in
-transformers or Lightning.
+- ``markup``:     special-token and image-markup names (plain strings, no imports).
+- ``template``:   the template machinery: conversation checks, segments -> ids + assistant mask,
+                  ``build_template`` (``data.template``, default ``vicuna_v1``).
+- ``tokenizer``:  an offline word-level tokenizer (dataset words + the template's), loading a local one.
+- ``collate``:    ``encode`` one sample, ``Collator`` for batches (the documented batch contract).
+- ``vocabulary``: ``dataset_vocabulary``, the words a configured dataset can emit.
+- ``datamodule``: ``ChimeraDataModule``, ``SeededSampler`` (the only module importing Lightning).
+
+Dependencies point one way: markup <- template <- tokenizer <- collate <- datamodule. Names are imported
+lazily, so importing ``toolkit.data`` (or a component that uses ``toolkit.data.template``) pulls in neither
+transformers nor Lightning.
 """
 
 from __future__ import annotations
@@ -16,28 +22,29 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "BOS": "tokenizer",
-    "EOS": "tokenizer",
-    "FRAME_SEP": "tokenizer",
-    "IMAGE": "tokenizer",
-    "IMG_END": "tokenizer",
-    "IMG_START": "tokenizer",
-    "PAD": "tokenizer",
-    "SPECIAL_TOKENS": "tokenizer",
-    "UNK": "tokenizer",
-    "VID_END": "tokenizer",
-    "VID_START": "tokenizer",
+    "BOS": "markup",
+    "EOS": "markup",
+    "FRAME_SEP": "markup",
+    "IMAGE": "markup",
+    "IMG_END": "markup",
+    "IMG_START": "markup",
+    "MARKUP_TOKENS": "markup",
+    "PAD": "markup",
+    "SPECIAL_TOKENS": "markup",
+    "UNK": "markup",
+    "VID_END": "markup",
+    "VID_START": "markup",
+    "Encoded": "template",
+    "build_template": "template",
     "build_word_tokenizer": "tokenizer",
     "image_token_id": "tokenizer",
     "load_tokenizer": "tokenizer",
-    "render": "conversation",
     "IGNORE_INDEX": "collate",
     "Collator": "collate",
     "encode": "collate",
-    "SyntheticShapes": "synthetic",
+    "dataset_vocabulary": "vocabulary",
     "ChimeraDataModule": "datamodule",
     "SeededSampler": "datamodule",
-    "dataset_vocabulary": "datamodule",
 }
 
 __all__ = sorted(_EXPORTS)

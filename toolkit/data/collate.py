@@ -4,8 +4,9 @@ Each ``<image>`` placeholder becomes ``image_tokens`` copies of the ``<image>`` 
 the connector's output into exactly those positions with one ``masked_scatter`` (as transformers' LLaVA
 does): no Python loop over samples in the model, fixed positions that work with FSDP and generation alike.
 
-Labels equal the input ids on target segments (assistant answers and their ``</s>``) and ``-100`` elsewhere
-(BOS, prompts, image slots, padding). They are NOT shifted: the model shifts them.
+The prompt template (``toolkit.data.template``, chosen with ``data.template``) writes the conversation and says
+which tokens are targets: the assistant answers and their end-of-turn token. Labels equal the input ids there
+and ``-100`` elsewhere (BOS, prompts, image slots, padding). They are NOT shifted: the model shifts them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from toolkit.data.conversation import render
-from toolkit.data.tokenizer import IMAGE, image_token_id
+from toolkit.data.markup import IMAGE
+from toolkit.data.template import Encoded, build_template, forbidden_markup, template_name
+from toolkit.data.tokenizer import image_token_id
 from toolkit.errors import ChimeraError
 
 IGNORE_INDEX = -100
+# A minimal conversation every template must be able to mask (checked when a collator is built).
+_PROBE = {"id": "probe", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "."}]}
 
 
 def _images(sample: Mapping[str, Any], where: str) -> torch.Tensor | None:
@@ -46,8 +50,9 @@ def encode(
     image_tokens: int,
     max_length: int,
     where: str = "",
+    template: Any = None,
 ) -> dict[str, Any]:
-    """Tokenize one sample, expanding each ``<image>`` into ``image_tokens`` image-token slots.
+    """Tokenize one sample with the prompt template, expanding each ``<image>`` into ``image_tokens`` slots.
 
     Args:
         sample: ``{"id": str, "images": [n, 3, H, W] or None, "conversations": [...]}`` (LLaVA format).
@@ -55,9 +60,14 @@ def encode(
         image_tokens: tokens one image produces after encoder, pooler and connector.
         max_length: longest sequence kept; text past it is cut, but never an image's token block.
         where: prefix naming the dataset in errors (e.g. ``"data.train"``).
+        template: a built template, a ``data.template`` node or a name (None: ``vicuna_v1``); build it once
+            with ``toolkit.data.template.build_template`` when encoding many samples.
 
     Returns:
-        ``{"input_ids": LongTensor[T], "labels": LongTensor[T], "n_images": int}``
+        ``{"input_ids": LongTensor[T], "labels": LongTensor[T], "n_images": int, "truncated": bool}``
+
+    The labels are checked: the tokens marked as targets must be exactly the tokens of the assistant answers
+    (with their end-of-turn token) as the template wrote them; anything else is an error naming the sample.
     """
     if image_tokens < 1:
         raise ChimeraError(f"image_tokens must be >= 1, got {image_tokens}")
@@ -70,20 +80,21 @@ def encode(
     images = _images(sample, where)
     n_images = 0 if images is None else images.shape[0]
 
-    segments = render(sample["conversations"], where, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
+    template = build_template(template)
+    encoded = template.encode(sample["conversations"], tokenizer, where)
+    _check_targets(encoded, sample["conversations"], tokenizer, template, where)
     img_id = image_token_id(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
     n_placeholders = 0
-    for text, is_target in segments:
-        for t in tokenizer.encode(text, add_special_tokens=False):
-            if t == img_id:  # one placeholder -> image_tokens slots, never targets
-                n_placeholders += 1
-                input_ids.extend([img_id] * image_tokens)
-                labels.extend([IGNORE_INDEX] * image_tokens)
-            else:
-                input_ids.append(t)
-                labels.append(t if is_target else IGNORE_INDEX)
+    for t, is_target in zip(encoded.ids, encoded.mask):
+        if t == img_id:  # one placeholder -> image_tokens slots, never targets
+            n_placeholders += 1
+            input_ids.extend([img_id] * image_tokens)
+            labels.extend([IGNORE_INDEX] * image_tokens)
+        else:
+            input_ids.append(t)
+            labels.append(t if is_target else IGNORE_INDEX)
     if n_placeholders != n_images:
         raise ChimeraError(
             f"{where}: {n_placeholders} '{IMAGE}' placeholders in the conversation but {n_images} images; "
@@ -91,7 +102,8 @@ def encode(
         )
 
     length = len(input_ids)
-    if length > max_length:
+    truncated = length > max_length
+    if truncated:
         last_image = length - 1 - input_ids[::-1].index(img_id) if n_images else -1
         if last_image >= max_length:
             raise ChimeraError(
@@ -104,23 +116,86 @@ def encode(
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "n_images": n_images,
+        "truncated": truncated,
     }
+
+
+def _check_targets(
+    encoded: Encoded,
+    conversations: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Any,
+    where: str,
+) -> None:
+    """The targets must be the assistant answers exactly: one target text per answer, holding that answer and
+    nothing else but whitespace and special tokens (its end-of-turn), and as many marked tokens as those
+    texts have on their own (a token straddling a prompt/answer boundary changes the count)."""
+    name = template_name(template)
+    answers = [turn["value"] for turn in conversations if turn["from"] == "gpt"]
+    if len(encoded.mask) != len(encoded.ids):
+        raise ChimeraError(
+            f"{where}: template '{name}' returned {len(encoded.mask)} mask values for {len(encoded.ids)} tokens"
+        )
+    if len(encoded.targets) != len(answers):
+        raise ChimeraError(
+            f"{where}: template '{name}' marks {len(encoded.targets)} target span(s) but the conversation has "
+            f"{len(answers)} 'gpt' answer(s); each answer must be one target span (for 'hf': one "
+            "{% generation %} block per assistant message)"
+        )
+    specials = sorted(forbidden_markup(template, tokenizer), key=len, reverse=True)
+    for k, (answer, target) in enumerate(zip(answers, encoded.targets)):
+        answer = answer.strip()
+        if answer not in target:
+            raise ChimeraError(
+                f"{where}: template '{name}': target span {k} is {target!r:.80}, which does not hold "
+                f"answer {k} {answer!r:.80}"
+            )
+        rest = target.replace(answer, "", 1)
+        for special in specials:
+            rest = rest.replace(special, "")
+        if rest.strip():
+            raise ChimeraError(
+                f"{where}: template '{name}': target span {k} is {target!r:.80}, which holds {rest.strip()!r:.40} "
+                f"besides answer {k} and its end-of-turn token; only the answers are trained on"
+            )
+    marked = sum(encoded.mask)
+    expected = (
+        sum(map(len, tokenizer(encoded.targets, add_special_tokens=False)["input_ids"])) if answers else 0
+    )
+    if marked != expected:
+        raise ChimeraError(
+            f"{where}: template '{name}' marks {marked} target tokens but the assistant answers (with their "
+            f"end-of-turn tokens) are {expected} tokens: {encoded.targets!r:.120}; the mask covers other "
+            "tokens, or a token crosses the boundary between prompt and answer"
+        )
 
 
 class Collator:
     """Samples -> a right-padded batch for ``MultimodalModel``.
+
+    Args:
+        tokenizer: from ``toolkit.data.load_tokenizer``.
+        image_tokens: slots reserved per ``<image>``; max_length: see ``encode``.
+        where: names the dataset in errors (``"data.train"``).
+        template: the prompt template (a built one, a ``data.template`` node or a name; None: ``vicuna_v1``).
 
     Returns:
         ``input_ids``: LongTensor[B, T] (right-padded with the pad id);
         ``labels``: LongTensor[B, T] (``-100`` on prompts, image slots and padding; not shifted);
         ``attention_mask``: LongTensor[B, T] (1 on real tokens);
         ``images``: FloatTensor[N, 3, H, W], all images of the batch in placeholder order, or None if none;
-        ``n_target_tokens``: LongTensor[] = ``(labels[:, 1:] != -100).sum()``, the tokens the shifted loss
-        averages over (lets a step weight its loss by token count across ranks or accumulation steps).
+        ``n_truncated``: LongTensor[], how many samples of the batch were cut at ``max_length`` (summed over
+        batches, it is the ``data/truncated`` count; it travels in the batch because collation runs in the
+        loader's worker processes).
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, max_length: int, where: str = ""
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_tokens: int,
+        max_length: int,
+        where: str = "",
+        template: Any = None,
     ):
         if tokenizer.pad_token_id is None:
             raise ChimeraError("tokenizer has no pad token; build it with toolkit.data.load_tokenizer")
@@ -129,9 +204,22 @@ class Collator:
         self.image_tokens = int(image_tokens)
         self.max_length = int(max_length)
         self.where = where
+        self.template = build_template(template)
+        # fail now, not in a worker: a template that cannot mask a minimal conversation with this tokenizer
+        encode(
+            _PROBE,
+            tokenizer,
+            1,
+            1 << 30,
+            f"data.template '{template_name(self.template)}' on a minimal",
+            self.template,
+        )
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        encoded = [encode(s, self.tokenizer, self.image_tokens, self.max_length, self.where) for s in samples]
+        encoded = [
+            encode(s, self.tokenizer, self.image_tokens, self.max_length, self.where, self.template)
+            for s in samples
+        ]
         B, T = len(encoded), max(e["input_ids"].shape[0] for e in encoded)
         input_ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -146,7 +234,7 @@ class Collator:
             "labels": labels,
             "attention_mask": attention_mask,
             "images": self._images(samples),
-            "n_target_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+            "n_truncated": torch.tensor(sum(e["truncated"] for e in encoded), dtype=torch.long),
         }
 
     def _images(self, samples: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:

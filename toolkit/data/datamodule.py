@@ -24,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from toolkit import registry
 from toolkit.data.collate import Collator
+from toolkit.data.template import build_template
+from toolkit.data.vocabulary import dataset_vocabulary  # noqa: F401  (re-exported: the old home)
 from toolkit.errors import ChimeraError
 
 _DERIVED = ("image_size",)
@@ -140,26 +142,6 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
-def dataset_vocabulary(node: Mapping[str, Any] | str, where: str = "data.train") -> list[str]:
-    """The words the dataset selected by ``node`` can emit (its class's ``vocabulary()``).
-
-    Used to build the word-level tokenizer when no tokenizer directory is configured. A ``vocabulary`` that
-    takes arguments receives the node's arguments of the same names (a mixture needs its ``parts``).
-    """
-    import inspect
-
-    name, kwargs = registry.split_node(node, "dataset", where)
-    entry = registry.get("dataset", name, where)
-    vocabulary = getattr(entry.target, "vocabulary", None)
-    if not callable(vocabulary):
-        raise ChimeraError(
-            f"{where}: dataset '{name}' has no built-in vocabulary to build a word-level tokenizer from; "
-            "set data.tokenizer to a local tokenizer directory"
-        )
-    accepted = inspect.signature(vocabulary).parameters
-    return list(vocabulary(**{k: v for k, v in kwargs.items() if k in accepted}))
-
-
 class ChimeraDataModule(L.LightningDataModule):
     """Train/val datasets built from config nodes, batched by ``Collator``, sharded by ``SeededSampler``.
 
@@ -175,6 +157,10 @@ class ChimeraDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (persistent when > 0).
         max_length: longest token sequence (see ``toolkit.data.collate.encode``).
         seed: seeds the training order (``seed + epoch``); dataset nodes keep their own ``seed``.
+        template: the prompt template, a ``data.template`` node ``{name: ..., **kwargs}``, a name, or a built
+            template; None is ``vicuna_v1``. Built (and checked) here, before any loader exists.
+
+    Every batch carries ``n_truncated``, the number of its samples cut at ``max_length`` (see ``Collator``).
     """
 
     def __init__(
@@ -190,6 +176,7 @@ class ChimeraDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_length: int = 512,
         seed: int = 0,
+        template: Any = None,
     ):
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -206,6 +193,7 @@ class ChimeraDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.max_length = int(max_length)
         self.seed = int(seed)
+        self.template = build_template(template, "data.template")
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
@@ -244,7 +232,9 @@ class ChimeraDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=Collator(self.tokenizer, self.image_tokens, self.max_length, where=where),
+            collate_fn=Collator(
+                self.tokenizer, self.image_tokens, self.max_length, where=where, template=self.template
+            ),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=drop_last,

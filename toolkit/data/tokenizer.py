@@ -1,13 +1,11 @@
-"""Tokenizers: special tokens, an offline word-level tokenizer, and loading a local pretrained one.
+"""Tokenizers: an offline word-level tokenizer, and loading a local pretrained one.
 
 Every dataset meets one interface, ``transformers.PreTrainedTokenizerFast``. Synthetic data uses a word-level
-tokenizer built here with the ``tokenizers`` library from the generator's vocabulary (no download); real runs
-point ``load_tokenizer`` at a local directory holding a Hugging Face tokenizer, and the markup tokens the
-prompt template needs (``<image>``, ``<img>``, ...) are added to it when missing.
+tokenizer built here with the ``tokenizers`` library from the generator's vocabulary and the prompt template's
+own words and control tokens (no download); real runs point ``load_tokenizer`` at a local directory holding a
+Hugging Face tokenizer, and the image markup (``<image>``, ``<img>``, ...) is added to it when missing.
 
-Markup follows LongLLaVA (arXiv 2409.02889): each image is written ``<img><image></img>``, a video
-``<vid>`` frames separated by ``<t>`` ``</vid>``. ``<image>`` is a placeholder the collator expands into as
-many copies of its id as the image produces tokens (see ``toolkit.data.collate``).
+The special-token names (``BOS``, ``IMAGE``, ...) live in ``toolkit.data.markup`` and are re-exported here.
 
 Note for model builders: tokens added to a pretrained tokenizer extend it past ``tokenizer.vocab_size``; size
 embeddings with ``len(tokenizer)``.
@@ -16,29 +14,29 @@ embeddings with ``len(tokenizer)``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from toolkit.data.markup import (  # noqa: F401  (re-exported: the names users import from here)
+    BOS,
+    EOS,
+    FRAME_SEP,
+    IMAGE,
+    IMG_END,
+    IMG_START,
+    MARKUP_TOKENS,
+    PAD,
+    SPECIAL_TOKENS,
+    UNK,
+    VID_END,
+    VID_START,
+)
+from toolkit.data.template import build_template
 from toolkit.errors import ChimeraError
-
-PAD = "<pad>"
-BOS = "<s>"
-EOS = "</s>"
-UNK = "<unk>"
-IMAGE = "<image>"  # placeholder, expanded to the image's tokens by the collator
-IMG_START = "<img>"
-IMG_END = "</img>"
-VID_START = "<vid>"
-VID_END = "</vid>"
-FRAME_SEP = "<t>"
-
-# Fixed order: the word-level tokenizer gives these ids 0..9.
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE, IMG_START, IMG_END, VID_START, VID_END, FRAME_SEP)
-# The markup every tokenizer must know as one unsplittable token each.
-MARKUP_TOKENS = (IMAGE, IMG_START, IMG_END, VID_START, VID_END, FRAME_SEP)
 
 
 def split_words(words: Iterable[str]) -> list[str]:
@@ -50,49 +48,73 @@ def split_words(words: Iterable[str]) -> list[str]:
     return out
 
 
-def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``words`` plus the prompt template's words and all special tokens.
+def _templates(template: Any) -> list[Any]:
+    """One template (node, name or object; None is the default) or a list of them -> built templates."""
+    if isinstance(template, Sequence) and not isinstance(template, (str, Mapping)):  # a list (or ListConfig)
+        return [build_template(t, f"data.template[{i}]") for i, t in enumerate(template)] or [
+            build_template()
+        ]
+    return [build_template(template)]
 
-    Ids are deterministic: the special tokens take 0..9 in ``SPECIAL_TOKENS`` order, then the sorted,
+
+def build_word_tokenizer(words: Iterable[str], template: Any = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words``, the prompt template's words and control tokens, and all special
+    tokens.
+
+    Ids are deterministic: the special tokens take 0..9 in ``SPECIAL_TOKENS`` order, then the template's
+    control tokens (``<|im_start|>``, ...; none for ``vicuna_v1``) in the template's order, then the sorted,
     lower-cased vocabulary. Text is lower-cased and split on whitespace and punctuation (``Whitespace``
     pre-tokenizer, so "USER:" -> "user", ":"); anything unknown maps to ``<unk>``.
-    """
-    from toolkit.data.conversation import template_words  # conversation imports this module's constants
 
+    Args:
+        words: the datasets' vocabulary.
+        template: the ``data.template`` node, name or built template (None: ``vicuna_v1``), or a list of them
+            when stages use different templates (one vocabulary serves every stage).
+    """
+    templates = _templates(template)
     specials = set(SPECIAL_TOKENS)
-    vocab_words = sorted(set(split_words([*words, *template_words()])) - specials)
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocab_words])}
+    markup = [m for m in dict.fromkeys(m for t in templates for m in t.markup) if m not in specials]
+    template_words = [w for t in templates for w in t.words()]
+    vocab_words = sorted(set(split_words([*words, *template_words])) - specials - set(markup))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *markup, *vocab_words])}
 
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     # Special tokens are matched on the raw text before normalisation and never split.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in [*SPECIAL_TOKENS, *markup]]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
     )
-    _register_markup(tok)
+    _register_markup(tok, markup)
     return tok
 
 
-def _register_markup(tok: PreTrainedTokenizerBase) -> None:
-    """Mark the markup tokens special (never split, skipped by ``decode(skip_special_tokens=True)``).
+def _register_markup(tok: PreTrainedTokenizerBase, extra: Iterable[str] = ()) -> None:
+    """Mark the markup tokens (and ``extra`` control tokens) special: never split, skipped by
+    ``decode(skip_special_tokens=True)``, and refused when typed into a sample's text.
 
     ``additional_special_tokens`` and the positional "do not replace" flag work in transformers 4.x and 5.x.
     """
-    tok.add_special_tokens({"additional_special_tokens": list(MARKUP_TOKENS)}, False)
+    tok.add_special_tokens({"additional_special_tokens": [*MARKUP_TOKENS, *extra]}, False)
     tok.padding_side = "right"
 
 
-def load_tokenizer(path: str | os.PathLike | None, words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """``None`` -> ``build_word_tokenizer(words)``; a local directory -> that tokenizer plus missing markup.
+def load_tokenizer(
+    path: str | os.PathLike | None, words: Iterable[str] = (), template: Any = None
+) -> PreTrainedTokenizerFast:
+    """``None`` -> ``build_word_tokenizer(words, template)``; a local directory -> that tokenizer plus missing
+    markup.
 
     A pretrained tokenizer gets the markup tokens (``<image>``, ``<img>``, ...) registered as special tokens
-    (added to the vocabulary when missing), and ``<pad>`` / ``</s>`` when it has no pad / eos token. Nothing
-    is downloaded.
+    (added to the vocabulary when missing), and ``<pad>`` / ``</s>`` when it has no pad / eos token; it must
+    already know its prompt template's control tokens (``template`` is only read for the word-level
+    tokenizer). Nothing is downloaded.
     """
     if path is None:
-        return build_word_tokenizer(words)
+        return build_word_tokenizer(words, template)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ChimeraError(

@@ -1,0 +1,83 @@
+"""Assembly: tokenizer, model and datamodule from a resolved config (one stage's, or the experiment's).
+
+Every command builds its objects here, in the same way: ``train`` per stage, ``describe`` on the meta
+device, ``bench`` for its paired loops. Widths and grids flow between parts inside ``toolkit.model``; what
+flows between the model and the data (tokens per image, the encoder's input size) flows here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolkit.model import MultimodalModel
+
+
+def build_tokenizer(cfg: Any) -> Any:
+    """The configured tokenizer, or a word-level one over every dataset of the experiment and its stages
+    (one vocabulary for all stages, so weights carry over from one stage to the next)."""
+    from toolkit.config import stage_config
+    from toolkit.data import dataset_vocabulary, load_tokenizer
+
+    words: list[str] = []
+    templates: list[Any] = []
+    if cfg.data.get("tokenizer") is None:
+        sources = [("", cfg)] + [
+            (f"stages[{i}].", stage_config(cfg, s)) for i, s in enumerate(cfg.get("stages") or [])
+        ]
+        for prefix, c in sources:
+            templates.append(_plain(c.data.get("template")))
+            for split in ("train", "val"):
+                node = c.data.get(split)
+                if node is not None:
+                    words += dataset_vocabulary(node, f"{prefix}data.{split}")
+    return load_tokenizer(
+        cfg.data.get("tokenizer"), words, template=templates or _plain(cfg.data.get("template"))
+    )
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_model(cfg: Any, tokenizer: Any) -> MultimodalModel:
+    """The four parts from ``cfg.model``; the decoder's vocabulary defaults to the tokenizer's size."""
+    from omegaconf import OmegaConf
+
+    from toolkit.data import image_token_id
+    from toolkit.model import build_model as compose
+
+    return compose(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        vocab_size=len(tokenizer),
+        image_token_id=image_token_id(tokenizer),
+    )
+
+
+def build_datamodule(cfg: Any, tokenizer: Any, model: MultimodalModel) -> Any:
+    """Train/val data for ``model``: the collator reserves ``model.image_tokens`` slots per image."""
+    from omegaconf import OmegaConf
+
+    from toolkit.data import ChimeraDataModule
+
+    data = cfg.data
+    return ChimeraDataModule(
+        OmegaConf.to_container(data.train, resolve=True),
+        OmegaConf.to_container(data.val, resolve=True) if data.get("val") is not None else None,
+        tokenizer=tokenizer,
+        image_tokens=model.image_tokens,
+        image_size=model.encoder.image_size,
+        batch_size=int(data.batch_size),
+        val_batch_size=data.get("val_batch_size"),
+        num_workers=int(data.num_workers),
+        max_length=int(data.max_length),
+        seed=int(cfg.seed),
+        template=_plain(data.get("template")),
+    )
+
+
+def build_parts(cfg: Any, tokenizer: Any) -> tuple[MultimodalModel, Any]:
+    """(model, datamodule) for one stage's config."""
+    model = build_model(cfg, tokenizer)
+    return model, build_datamodule(cfg, tokenizer, model)
