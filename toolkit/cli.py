@@ -61,6 +61,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="encoder, pooler, connector, mixer, ffn, decoder or dataset")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("data", parents=[_COMMON], help="datasets: export one in the LLaVA format")
+    dsub = p.add_subparsers(dest="data", required=True)
+    d = dsub.add_parser(
+        "export",
+        parents=[_COMMON],
+        help="write a dataset as LLaVA-format JSONL + PNGs (a scenes task, or an experiment's data.train)",
+    )
+    d.add_argument(
+        "task", help="a `scenes` task (retrieval, needle, spatial, ...) or an experiment YAML file"
+    )
+    d.add_argument("out_dir", help="output folder (created; must be empty unless --overwrite)")
+    d.add_argument(
+        "overrides", nargs="*", help="dataset arguments key=value (e.g. images_per_sample=8 size=500)"
+    )
+    d.add_argument(
+        "--image-size", type=int, default=None, help="pixels (default: 32, or the experiment's encoder)"
+    )
+    d.add_argument("--limit", type=int, default=None, help="export only the first N samples")
+    d.add_argument("--workers", type=int, default=0, help="DataLoader workers that render and encode PNGs")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+
     p = sub.add_parser("bench", parents=[_COMMON], help="benchmarks to run on your own hardware")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser(
@@ -202,7 +223,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "describe": cmd_describe, "components": cmd_components, "bench": cmd_bench}
+def cmd_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toolkit.config import parse_overrides
+    from toolkit.data.export import export
+
+    if args.task.endswith((".yaml", ".yml")):  # an experiment: its training data at its encoder's size
+        from toolkit.plan import load_plan
+
+        plan = load_plan(args.task, args.overrides, check_model=False)
+        node = plan.stages[0].cfg.data.train
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True)
+        image_size = args.image_size or _encoder_image_size(plan)
+    else:
+        node = {"name": "scenes", "task": args.task, **parse_overrides(args.overrides)}
+        image_size = args.image_size or 32
+    path = export(
+        node,
+        args.out_dir,
+        image_size,
+        limit=args.limit,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        where="data.train",
+    )
+    print(f"chimera: wrote {path} (read it back with data.train: {{name: llava, annotations: {Path(path)}}})")
+    return 0
+
+
+def _encoder_image_size(plan) -> int:
+    import torch
+
+    from toolkit.assemble import build_model
+
+    with torch.device("meta"):
+        return int(build_model(plan.cfg, plan.tokenizer).encoder.image_size)
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "describe": cmd_describe,
+    "components": cmd_components,
+    "bench": cmd_bench,
+}
+
+
+def one_line(exc: ChimeraError) -> str:
+    """The error's own line: an error raised in a DataLoader worker arrives wrapped in torch's
+    "Caught ... in DataLoader worker process N. Original Traceback ..." text, ending with the original line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return (
+            last.split(": ", 1)[1]
+            if last.startswith(("toolkit.errors.ChimeraError", "ChimeraError"))
+            else last
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChimeraError as exc:
         if args.debug:
             raise
-        print(f"chimera: error: {exc}", file=sys.stderr)
+        print(f"chimera: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
         print(f"chimera: {exc}", file=sys.stderr)

@@ -119,6 +119,7 @@ class ChimeraModule(pl.LightningModule):
         self._peak_tflops = ((config or {}).get("perf") or {}).get("peak_tflops")
         self.step_counts: StepCounts | None = None  # the last optimizer step's counts, all ranks
         self.truncated_total = 0.0  # samples cut at data.max_length since this fit started, all ranks
+        self.skipped_total = 0.0  # bad records skipped (on_bad_sample: skip) since this fit started, all ranks
         self._window: Tensor | None = None  # this rank's StepCounts (as a tensor) over the current step
         self._unlogged: StepCounts | None = None  # counts of a step whose train/* are not yet logged
         self._params: list[nn.Parameter] | None = None  # the trainable parameters, once sharded
@@ -165,6 +166,7 @@ class ChimeraModule(pl.LightningModule):
             text_tokens=lengths.sum(),
             sum_sq_lengths=lengths.double().square().sum(),
             truncated=batch.get("n_truncated", 0),
+            skipped=batch.get("n_skipped", 0),
         ).to_tensor()
         self._window = counts if self._window is None else self._window + counts
         loss = loss_sum
@@ -204,6 +206,7 @@ class ChimeraModule(pl.LightningModule):
             torch._foreach_mul_(grads, scale)
         self.step_counts = self._unlogged = counts
         self.truncated_total += counts.truncated
+        self.skipped_total += counts.skipped
         self._window = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -217,6 +220,7 @@ class ChimeraModule(pl.LightningModule):
                 "train/loss": counts.loss_sum / max(counts.target_tokens, 1.0),
                 "train/target_tokens": counts.target_tokens,
                 "data/truncated": self.truncated_total,  # samples cut at data.max_length, so far
+                "data/skipped": self.skipped_total,  # bad records replaced by the next good one, so far
             },
             on_step=True,
             rank_zero_only=True,

@@ -76,6 +76,7 @@ class StepCounts:
     text_tokens: float = 0.0  # non-padding positions of the decoder's sequences (image positions included)
     sum_sq_lengths: float = 0.0  # sum over samples of (non-padding length)^2: what attention scores cost
     truncated: float = 0.0  # samples the collator cut at data.max_length
+    skipped: float = 0.0  # bad records a dataset replaced under on_bad_sample: skip
 
     def to_tensor(self, device: torch.device | None = None) -> Tensor:
         """The fields, in declaration order, as one float64 vector on ``device`` (default: the tensors' own).

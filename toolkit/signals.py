@@ -1,12 +1,12 @@
 """Honest exits: SIGTERM (what schedulers send) and SIGINT (Ctrl+C) stop a run at the next step boundary.
 
-The run then checkpoints (``last.ckpt``, when at least one optimizer step completed), its MLflow run is marked
+The run then checkpoints (``last.ckpt``, after the optimizer step in progress completes), its MLflow run is marked
 KILLED, and ``chimera`` exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), so a scheduler or a
 shell sees that the run did not finish; ``--resume`` continues exactly where it stopped. A second signal
 stops at once (the default action).
 
 Lightning's own SIGTERM handling ends ``fit`` with ``SystemExit`` (exit status 0) before ``on_train_end``, so
-no final checkpoint is written: ``GracefulStop`` replaces the handlers once training starts, and Lightning
+no checkpoint is written: ``GracefulStop`` replaces the handlers once training starts, and Lightning
 puts them back when ``fit`` ends. With several ranks, the stop decision is all-reduced at every step, so
 ranks the signal did not reach (Lightning's launcher signals only its first process) stop together.
 """
@@ -77,4 +77,9 @@ class GracefulStop(Callback):
             )
         if signum:
             self.signum = signum
-            trainer.should_stop = True  # ends fit after this step; on_train_end writes last.ckpt
+            # Checkpoint here, where the step-scheduled checkpoints are written: the loop state is mid-epoch
+            # and resumes exactly (by on_train_end Lightning has already counted the epoch as completed).
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "save_last", False):
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            trainer.should_stop = True  # ends fit after this step

@@ -62,13 +62,13 @@ PARAM_KEYS = (
 
 
 def tracking_uri(cfg: Any) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store in ``output_dir``."""
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store in ``output_dir``.
+
+    Nothing is created here (``ensure_store`` creates the store when a run first needs it)."""
     uri = cfg.tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return str(uri)
-    root = Path(cfg.output_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
 def _select(cfg: Any, dotted: str) -> Any:

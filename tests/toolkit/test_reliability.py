@@ -201,3 +201,53 @@ def test_a_failed_resume_changes_nothing_on_disk(tmp_path, tiny_experiment, caps
     assert "run.json: damaged run state" in err and "move the run folder aside" in err
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tracking.uri=http://127.0.0.1:9", "cannot reach"),
+        ("output_dir=/etc/hostname/runs", "output_dir: cannot write to"),
+    ],
+)
+def test_an_unusable_store_or_output_folder_fails_in_seconds_before_anything_is_built(
+    tmp_path, tiny_experiment, capsys, override, message
+):
+    from toolkit.cli import main
+
+    t0 = time.monotonic()
+    assert main(["train", str(tiny_experiment), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_checkpoint_and_a_lost_mlflow_run_is_one_clear_line(
+    tmp_path, tiny_experiment, capsys
+):
+    from toolkit.cli import main
+
+    cfg = yaml.safe_load(_experiment(tmp_path, tiny_experiment, max_steps=4).read_text())
+    cfg["checkpoint"] = {"every_n_steps": 2, "keep": -1}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(config), "name=damaged"]) == 0
+    run_dir = tmp_path / "runs" / "damaged"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # a torn write from some other tool
+    state = json.loads((run_dir / "run.json").read_text())
+    state["finished"] = False
+    (run_dir / "run.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", str(config), "name=damaged", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {last}" in err and "step000004.ckpt" in err.split("resuming from")[1].splitlines()[0]
+
+    state["run_id"] = "f" * 32  # a run the store does not hold
+    state["finished"] = False
+    (run_dir / "run.json").write_text(json.dumps(state))
+    assert main(["train", str(config), "name=damaged", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not hold" in err and "f" * 32 in err and len(err.splitlines()) == 1
