@@ -50,8 +50,9 @@ class Pooler(Protocol):
 
 
 class Connector(Protocol):
-    """Projects encoder width to decoder width. ``forward([N, P, in_dim]) -> [N, P, out_dim]``; receives
-    ``in_dim`` and ``out_dim`` as derived arguments."""
+    """Projects encoder width to decoder width. ``forward([N, P, in_dim]) -> [N, P', out_dim]``; receives
+    ``in_dim``, ``out_dim`` and ``grid`` (the patch grid of the tokens it receives, or None) as derived
+    arguments. ``P' = P`` unless the connector reduces tokens itself and says so with ``num_tokens``."""
 
     def forward(self, features: Tensor) -> Tensor: ...
 
@@ -132,7 +133,7 @@ CONTRACTS: dict[str, type] = {
 DERIVED: dict[str, tuple[str, ...]] = {
     "encoder": (),
     "pooler": ("grid", "n_tokens"),
-    "connector": ("in_dim", "out_dim"),
+    "connector": ("in_dim", "out_dim", "grid"),
     "mixer": ("d_model", "layer_idx"),
     "ffn": ("d_model", "layer_idx"),
     "decoder": (),
@@ -143,6 +144,7 @@ DERIVED: dict[str, tuple[str, ...]] = {
 # Members the toolkit uses when a part has them.
 OPTIONAL: dict[str, dict[str, str]] = {
     "encoder": {"shard_units": "sub-modules FSDP wraps (and checkpoints) one by one, e.g. the ViT blocks"},
+    "connector": {"num_tokens": "tokens per image it outputs, when it reduces them itself (C-Abstractor)"},
     "decoder": {
         "aux_loss": "aux_loss() -> Tensor | None: added to the loss after each forward (MoE load balancing)",
         "layer_pattern": "per-layer pattern letters, shown by `chimera describe`",

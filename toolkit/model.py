@@ -43,8 +43,9 @@ class MultimodalModel(nn.Module):
 
     @property
     def image_tokens(self) -> int:
-        """Tokens one image occupies in the decoder's sequence."""
-        return self.pooler.num_tokens
+        """Tokens one image occupies in the decoder's sequence (a token-reducing connector, such as the
+        C-Abstractor, says its own count)."""
+        return getattr(self.connector, "num_tokens", self.pooler.num_tokens)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """images: [N, 3, H, W] in [0, 1] -> [N, image_tokens, d_model]."""
@@ -126,20 +127,28 @@ def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id
         "pooler", model_cfg["pooler"], "model.pooler", grid=encoder.grid, n_tokens=encoder.num_tokens
     )
     decoder = build("decoder", decoder_cfg, "model.decoder")
+    pool_after = bool(model_cfg.get("pool_after_connector", False))
     connector = build(
         "connector",
         model_cfg["connector"],
         "model.connector",
         in_dim=encoder.embed_dim,
         out_dim=decoder.d_model,
+        grid=encoder.grid if pool_after else getattr(pooler, "out_grid", encoder.grid),  # what it receives
     )
+    if pool_after and getattr(connector, "num_tokens", None) is not None:
+        raise ChimeraError(
+            f"model.pool_after_connector: connector '{model_cfg['connector']['name']}' reduces the tokens itself; "
+            "pool before it (pool_after_connector: false) or use a connector that keeps the token count",
+            key="model.pool_after_connector",
+        )
     return MultimodalModel(
         encoder,
         pooler,
         connector,
         decoder,
         image_token_id=image_token_id,
-        pool_after_connector=bool(model_cfg.get("pool_after_connector", False)),
+        pool_after_connector=pool_after,
     )
 
 

@@ -576,3 +576,156 @@ def _check_schema(uri: str, path: str) -> None:
         f"'mlflow db upgrade {uri}'",
         key="tracking.uri",
     )
+
+
+# ------------------------------------------------------------------------------- ablations: runs read back
+# ``toolkit.ablation`` and ``toolkit.report`` reach MLflow only through these functions and get plain data
+# back (``RunRecord``, lists of tuples), so the tables are computed from stored runs, never from memory.
+
+ABLATION_TAG = "chimera.ablation"
+VARIANT_TAG = "chimera.variant"
+SEED_TAG = "chimera.seed"
+SUMMARY_TAG = "chimera.summary"
+
+
+class RunRecord:
+    """One MLflow run as plain data: ``metrics`` holds the LAST value of each metric (as ``search_runs``)."""
+
+    def __init__(self, run: Any) -> None:
+        self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.status: str = run.info.status
+        self.start_time: int | None = run.info.start_time  # ms since the epoch
+        self.end_time: int | None = run.info.end_time
+        self.tags: dict[str, str] = dict(run.data.tags)
+        self.params: dict[str, str] = dict(run.data.params)
+        self.metrics: dict[str, float] = dict(run.data.metrics)
+        self.run_name: str = run.info.run_name or self.tags.get("mlflow.runName", "")
+
+    @property
+    def wall_s(self) -> float | None:
+        """Seconds from the run's start to its end (None while it runs)."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time) / 1000.0
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId") or None
+
+    def __repr__(self) -> str:
+        return f"RunRecord({self.run_id}, {self.run_name!r}, {self.status})"
+
+
+def _filter_value(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ChimeraError(f"tag value {value!r}: quotes and backslashes cannot be searched for")
+    return f"'{value}'"
+
+
+def find_runs(uri: str, tags: Mapping[str, str]) -> list[RunRecord]:
+    """Active runs, in every experiment of the store at ``uri``, whose tags equal ``tags`` (oldest first).
+
+    A sqlite store that does not exist is not created: no runs."""
+    path = sqlite_path(uri)
+    if path is not None and not os.path.isfile(path):
+        return []
+    if path is not None:
+        ensure_store(uri)
+    c = client(uri)
+    experiment_ids: list[str] = []
+    token = None
+    while True:
+        page = c.search_experiments(max_results=1000, page_token=token)
+        experiment_ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    if not experiment_ids:
+        return []
+    where = " and ".join(f"tags.`{k}` = {_filter_value(str(v))}" for k, v in tags.items())
+    runs: list[RunRecord] = []
+    token = None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string=where, max_results=1000, page_token=token)
+        runs += [RunRecord(r) for r in page]
+        token = page.token
+        if not token:
+            break
+    return sorted(runs, key=lambda r: (r.start_time or 0, r.run_id))
+
+
+def get_run_record(uri: str, run_id: str) -> RunRecord | None:
+    """The run ``run_id`` as a ``RunRecord``, or None when the store does not hold it."""
+    if not run_exists(uri, run_id):
+        return None
+    return RunRecord(client(uri).get_run(run_id))
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    """Every logged value of ``key`` in run ``run_id``: ``(step, value, timestamp_ms)`` in step order."""
+    history = client(uri).get_metric_history(run_id, key)
+    return sorted((int(m.step), float(m.value), int(m.timestamp)) for m in history)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
+def log_artifact_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def override_params(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """A run's command-line overrides as params: ``{"model.pooler.name": "pool1d"}`` from
+    ``model.pooler.name=pool1d`` (the text after ``=``, at most 250 characters). ``name``, ``seed`` and
+    tracking tags are left out (the run name, the ``seed`` param and the tags already say them)."""
+    params: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or key in ("name", "seed") or key.startswith("tracking.tags"):
+            continue
+        params[key[:250]] = value[:250]
+    return params
+
+
+def summary_run(uri: str, experiment: str, ablation: str, tags: Mapping[str, str] | None = None) -> str:
+    """The summary run of ablation ``ablation`` (tags ``chimera.ablation=<name>``, ``chimera.summary=true``),
+    created in ``experiment`` the first time; ``tags`` are set on it each call. Tables and plots are stored
+    as its artifacts. Two processes asking at once get the same run (a file lock next to a sqlite store)."""
+    uri = ensure_store(uri)
+    path = sqlite_path(uri)
+    lock = (
+        _file_lock(f"{path}.summary.lock", 120.0, f"the summary run of {ablation}")
+        if path
+        else contextlib.nullcontext()
+    )
+    with lock:
+        found = find_runs(uri, {ABLATION_TAG: ablation, SUMMARY_TAG: "true"})
+        if found:
+            run_id = found[0].run_id
+        else:
+            c = client(uri)
+            exp = c.get_experiment_by_name(experiment)
+            experiment_id = (
+                exp.experiment_id
+                if exp
+                else c.create_experiment(experiment, artifact_location=artifact_location(uri))
+            )
+            run_id = c.create_run(
+                experiment_id,
+                run_name=f"{ablation}-summary",
+                tags={ABLATION_TAG: ablation, SUMMARY_TAG: "true"},
+            ).info.run_id
+            c.set_terminated(run_id, status="FINISHED")
+    if tags:
+        set_tags(uri, run_id, tags)
+    return run_id
+
+
+def experiment_name(uri: str, experiment_id: str) -> str:
+    """The name of experiment ``experiment_id`` of the store at ``uri``."""
+    return client(uri).get_experiment(experiment_id).name

@@ -1,3 +1,4 @@
-"""Connectors (projectors) from encoder width to decoder width: importing this registers linear and mlp."""
+"""Connectors (projectors) from encoder width to decoder width: importing this registers linear, mlp and
+c_abstractor."""
 
-from components.connectors import linear, mlp  # noqa: F401
+from components.connectors import c_abstractor, linear, mlp  # noqa: F401

@@ -1,3 +1,6 @@
-"""Vision encoders: importing this package registers every built-in encoder."""
+"""Vision encoders: importing this package registers every built-in encoder (timm_vit, fused).
 
-from components.encoders import timm_vit  # noqa: F401
+``anyres`` (AnyRes tiling) and ``preprocess`` (timm data config -> image transform) are helpers, not
+components."""
+
+from components.encoders import fused, timm_vit  # noqa: F401

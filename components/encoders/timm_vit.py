@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -31,6 +32,7 @@ from timm.data import resolve_model_data_config
 from timm.models import load_state_dict
 from torch import nn
 
+from components.encoders.preprocess import Mode, make_transform
 from toolkit.errors import ChimeraError
 from toolkit.registry import register
 
@@ -90,6 +92,8 @@ class TimmViT(nn.Module):
         if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
             raise ChimeraError(f"encoder checkpoint_path '{checkpoint_path}' does not exist or is not a file")
         _check_model_name(model_name)
+        if pretrained and checkpoint_path is None:
+            check_pretrained_available(model_name)
         if img_size is not None:
             model_args["img_size"] = img_size
         model = timm.create_model(
@@ -164,6 +168,15 @@ class TimmViT(nn.Module):
         """The transformer blocks: the FSDP wrap units of this encoder."""
         return list(self.model.blocks)
 
+    def transform(self, mode: Mode = "pad") -> Callable[[Any], torch.Tensor]:
+        """PIL image -> ``[3, image_size, image_size]`` in [0, 1] from this tower's timm data config
+        (``resize``, ``center_crop`` or LLaVA-1.5's ``pad``; see ``components/encoders/preprocess.py``)."""
+        return make_transform(self.data_config, mode)
+
+    def preprocess(self, image: Any, mode: Mode = "pad") -> torch.Tensor:
+        """One PIL image -> ``[3, image_size, image_size]`` in [0, 1] (normalisation happens in forward)."""
+        return self.transform(mode)(image)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[N, 3, H, W]`` in [0, 1] -> features ``[N, num_tokens, embed_dim]``."""
         x = (images.to(self.mean.dtype) - self.mean) / self.std  # [N, 3, H, W]
@@ -183,11 +196,54 @@ class TimmViT(nn.Module):
             return patches
         return torch.cat([prefix, patches], dim=1)  # [N, prefix + gh * gw, C]
 
+    @classmethod
+    def validate_config(cls, kwargs: dict[str, Any], where: str) -> None:
+        """Config-time checks (nothing built): the timm name exists, and pretrained weights can be had."""
+        name = str(kwargs.get("model_name", "vit_large_patch14_clip_336.openai"))
+        try:
+            _check_model_name(name)
+            if kwargs.get("pretrained") and kwargs.get("checkpoint_path") is None:
+                check_pretrained_available(name)
+        except ChimeraError as exc:
+            raise ChimeraError(f"{where}: {exc}", key=where) from exc
+
     def extra_repr(self) -> str:
         return (
             f"select_layer={self.select_layer}, blocks={len(self.model.blocks)}/{self.depth}, "
             f"grid={self.grid}, num_tokens={self.num_tokens}, freeze={self.freeze}"
         )
+
+
+def check_pretrained_available(model_name: str, timeout_s: float = 3.0) -> None:
+    """``pretrained: true`` without ``checkpoint_path``: the weights must be in the local Hugging Face cache,
+    or the hub must answer within ``timeout_s``; else fail now, with what to do, instead of after timm's
+    retries (about a minute offline)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name) if "." in model_name else None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return  # a URL-hosted or unknown source: timm reports it itself
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names if n):
+        return
+    reason = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        import socket
+
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+            return  # reachable: timm downloads on first use
+        except OSError as exc:
+            reason = f"huggingface.co is unreachable ({exc.__class__.__name__})"
+    raise ChimeraError(
+        f"pretrained weights of '{model_name}' ({repo}) are not in the local cache and {reason}; set "
+        "checkpoint_path to a local weights file, or fetch them once where the hub is reachable "
+        f"(python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\")"
+    )
 
 
 def _check_model_name(model_name: str) -> None:

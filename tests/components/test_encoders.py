@@ -214,3 +214,32 @@ def test_registered_and_built_from_config_node() -> None:
     node = {"name": "timm_vit", "model_name": SIGLIP, "img_size": 28, "select_layer": -1, "model_args": TINY}
     enc = build("encoder", node, "model.encoder")
     assert isinstance(enc, TimmViT) and enc.grid == (2, 2) and len(enc.model.blocks) == 4
+
+
+def test_siglip_weights_file_gives_exactly_timms_own_features(tmp_path) -> None:
+    """A SigLIP-architecture checkpoint (vit_so400m_patch14_siglip_384 with tiny model_args) saved with
+    safetensors and loaded through checkpoint_path gives timm's own forward_intermediates, bit for bit."""
+    name, img_size, grid, _, extra = STYLES["siglip"]
+    torch.manual_seed(3)
+    ref = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **TINY, **extra).eval()
+    path = tmp_path / "siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+
+    torch.manual_seed(4)  # another random init underneath: only the file can make the features equal
+    enc = TimmViT(
+        name, img_size=img_size, checkpoint_path=str(path), select_layer=-2, model_args={**TINY, **extra}
+    )
+    images = torch.rand(2, 3, img_size, img_size)
+    cfg = ref.pretrained_cfg
+    normalised = (images - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        expected = ref.forward_intermediates(
+            normalised, indices=[TINY["depth"] - 2], norm=False, output_fmt="NLC", intermediates_only=True
+        )[0]
+        out = enc(images)
+    assert expected.shape == (2, grid[0] * grid[1], TINY["embed_dim"])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert torch.equal(out, expected)  # same ops in the same order: bit for bit
+    assert enc.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # SigLIP's own normalisation, inside the encoder

@@ -139,3 +139,19 @@ def test_greedy_generate_with_cache_equals_recomputing_the_full_sequence(model):
             nxt = model(seq, images)[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_a_token_reducing_connector_sets_the_image_tokens_and_receives_the_pooled_grid():
+    """The C-Abstractor gets the grid of the tokens it receives and says its own token count."""
+    cfg = {**TINY_MODEL, "connector": {"name": "c_abstractor", "num_queries": 4, "depth": 1}}
+    unpooled = build_model({**cfg, "pooler": {"name": "identity"}}, vocab_size=100, image_token_id=IMG)
+    assert unpooled.connector.grid == unpooled.encoder.grid == (4, 4) and unpooled.pooler.num_tokens == 16
+    assert unpooled.image_tokens == unpooled.connector.num_tokens == 4
+    ids = torch.tensor([[1] + [IMG] * 4 + [2]])
+    assert unpooled(ids, torch.rand(1, 3, 16, 16)).shape[:2] == (1, 6)  # vocab padded to 128
+    pooled = build_model(
+        {**cfg, "connector": {**cfg["connector"], "num_queries": 1}}, vocab_size=100, image_token_id=IMG
+    )
+    assert pooled.connector.grid == pooled.pooler.out_grid == (2, 2) and pooled.image_tokens == 1
+    with pytest.raises(ChimeraError, match="reduces the tokens itself"):
+        build_model({**cfg, "pool_after_connector": True}, vocab_size=100, image_token_id=IMG)

@@ -148,3 +148,19 @@ def test_debug_works_before_and_after_the_command(tiny_experiment):
     ):
         with pytest.raises(ChimeraError, match="seed: expected an integer"):
             main(argv)
+
+
+def test_offline_pretrained_weights_fail_at_once_with_what_to_do(tiny_experiment, capsys, monkeypatch):
+    """Fails at config time: timm is never asked to build (and so never retries a download)."""
+    import timm
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("timm.create_model was called")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_experiment.parent / "empty_hub_cache"))
+    monkeypatch.setattr(timm, "create_model", no_build)
+    override = "model.encoder.model_name=vit_base_patch16_clip_224.openai"
+    assert main(["train", str(tiny_experiment), override, "model.encoder.pretrained=true"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local cache" in err and "checkpoint_path" in err and "model.encoder" in err

@@ -18,7 +18,7 @@ def test_builtins_are_discovered_through_entry_points():
     assert {"identity", "pool1d", "pool2d"} <= set(registry.names("pooler"))
     assert {"attention", "mamba", "mamba2"} <= set(registry.names("mixer"))
     assert {"mlp", "moe"} <= set(registry.names("ffn"))
-    assert registry.names("connector") == ["linear", "mlp"]
+    assert registry.names("connector") == ["c_abstractor", "linear", "mlp"]
     assert "hybrid" in registry.names("decoder") and "timm_vit" in registry.names("encoder")
     assert "synthetic_shapes" in registry.names("dataset")
 
