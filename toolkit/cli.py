@@ -82,6 +82,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers that render and encode PNGs")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
 
+    p = sub.add_parser(
+        "export",
+        parents=[_COMMON],
+        help="write a trained run as a transformers model (hf) or a whole VLM (vlm)",
+    )
+    p.add_argument("run", help="a run folder (runs/NAME) holding config.yaml and its final weights")
+    p.add_argument("out_dir", help="output folder (any fsspec path)")
+    p.add_argument("--format", choices=("hf", "vlm"), default="hf")
+    p.add_argument(
+        "--family", help="hf only: llama, mistral, qwen2, jamba, mamba or mamba2 (default: inferred)"
+    )
+    p.add_argument("--dtype", help="hf only: e.g. bfloat16 (default: the weights' own)")
+
     p = sub.add_parser("bench", parents=[_COMMON], help="benchmarks to run on your own hardware")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser(
@@ -254,6 +267,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.assemble import build_model
+    from toolkit.checkpointing import final_weights, load_weights, loadable_checkpoint
+    from toolkit.config import to_yaml
+    from toolkit.convert import export_hf, export_vlm
+    from toolkit.plan import load_plan, resume_target
+
+    plan = load_plan(resume_target(args.run), check_model=False)
+    stage = plan.stages[-1]  # a recipe's last stage holds the final model
+    weights = final_weights(stage.run_dir) or loadable_checkpoint(stage.run_dir / "checkpoints")[0]
+    if weights is None:
+        raise ChimeraError(f"{args.run}: no final weights or loadable checkpoint under {stage.run_dir}")
+    model = build_model(stage.cfg, plan.tokenizer)  # its pretrained init: is replaced by the trained weights
+    load_weights(model, weights)
+    if args.format == "hf":
+        export_hf(model, plan.tokenizer, args.out_dir, args.family, dtype=args.dtype)
+    else:
+        export_vlm(model, to_yaml(stage.cfg), args.out_dir, tokenizer=plan.tokenizer)
+    print(f"chimera: wrote {args.out_dir} ({args.format}) from {weights}")
+    return 0
+
+
 def _encoder_image_size(plan) -> int:
     import torch
 
@@ -265,6 +300,7 @@ def _encoder_image_size(plan) -> int:
 
 COMMANDS = {
     "data": cmd_data,
+    "export": cmd_export,
     "train": cmd_train,
     "describe": cmd_describe,
     "components": cmd_components,

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "connector": {"name": "mlp", "depth": 2},
         "decoder": None,
         "pool_after_connector": False,
+        "init": None,  # whole-model pretrained weights {path, layout} (parts take their own `init:`)
     },
     "data": {
         "train": {"name": "synthetic_shapes", "size": 2000, "tasks": ["color", "shape"]},
@@ -96,7 +97,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Sections whose mapping values are free-form (checked elsewhere, or user data).
-_FREE_FORM = {"tracking.tags"}
+_FREE_FORM = {"tracking.tags", "model.init"}
 # Component nodes: the key -> registry kind they are checked against.
 COMPONENT_NODES = {
     "model.encoder": "encoder",
@@ -355,6 +356,7 @@ def run_name(path: Path, overrides: Sequence[str]) -> str:
     """
     flat = _flatten(parse_overrides(overrides)) if overrides else {}
     flat.pop("name", None)
+    flat.pop("output_dir", None)  # already the folder's parent
     if not flat:
         return _safe(path.stem)[0] or "run"
     items = sorted(flat.items())
@@ -501,6 +503,13 @@ def check_components(cfg: Any, sources: Sources, search: Sequence[str] = ()) -> 
     registry.import_plugins(
         cfg.get("plugins") or [], where=f"{sources.of('plugins')}: plugins", search=search
     )
+    from toolkit.convert import prepare_node, validate_init
+
+    if cfg.model.get("init") is not None:
+        try:
+            validate_init("model", OmegaConf.to_container(cfg.model.init, resolve=True), "model")
+        except ChimeraError as exc:
+            raise ChimeraError(f"{sources.of(exc.key or 'model.init')}: {exc}", key=exc.key) from exc
     for dotted, kind in COMPONENT_NODES.items():
         node = OmegaConf.select(cfg, dotted)
         if node is None:
@@ -510,6 +519,10 @@ def check_components(cfg: Any, sources: Sources, search: Sequence[str] = ()) -> 
                 f"{sources.default}: {dotted}: missing; set it to {{name: <a registered {kind}>, ...}}"
             )
         try:
+            if dotted.startswith("model."):  # `init:` (pretrained weights) is the toolkit's, not the part's
+                node, _ = prepare_node(
+                    dotted.split(".")[1], OmegaConf.to_container(node, resolve=True), dotted
+                )
             registry.validate(kind, node, dotted)
         except ChimeraError as exc:
             raise ChimeraError(f"{sources.of(exc.key or dotted)}: {exc}", key=exc.key) from exc

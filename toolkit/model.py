@@ -11,6 +11,7 @@ part to the next (the pooler gets the encoder's patch grid, the connector the en
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,14 +107,29 @@ class MultimodalModel(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id: int) -> MultimodalModel:
-    """Materialize the four parts from config; the decoder's vocab defaults to the tokenizer's size."""
+def build_model(
+    model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id: int, load_init: bool = True
+) -> MultimodalModel:
+    """Materialize the four parts from config; the decoder's vocab defaults to the tokenizer's size.
+
+    A part node may carry ``init:`` (pretrained weights, ``toolkit/convert/parts.py``), and ``model.init`` a
+    whole-model checkpoint: they are applied after the build when ``load_init`` and the default device is not
+    meta. A decoder with ``init.hf`` takes its shape from the checkpoint and is built on the meta device, so
+    its tensors are materialised straight from the file (one copy of the weights, no random init first).
+    """
+    from toolkit.convert import load_model_init, load_part_init, prepare_node
+
     for part in PARTS:
         if part not in model_cfg or model_cfg[part] is None:
             raise ChimeraError(
                 f"model.{part}: missing; every model names an encoder, pooler, connector and decoder"
             )
-    decoder_cfg = dict(model_cfg["decoder"])
+    nodes, inits = {}, {}
+    for part in PARTS:
+        vocab = padded_vocab(vocab_size) if part == "decoder" else None
+        nodes[part], inits[part] = prepare_node(part, model_cfg[part], f"model.{part}", vocab_size=vocab)
+    load_init = load_init and torch.empty(0).device.type != "meta"
+    decoder_cfg = dict(nodes["decoder"])
     if decoder_cfg.get("vocab_size") is None:
         decoder_cfg["vocab_size"] = padded_vocab(vocab_size)
     elif int(decoder_cfg["vocab_size"]) < vocab_size:
@@ -122,11 +138,14 @@ def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id
             "tokens; raise it or remove it (it defaults to the tokenizer's size)",
             key="model.decoder.vocab_size",
         )
+    model_cfg = {**model_cfg, **nodes}
     encoder = build("encoder", model_cfg["encoder"], "model.encoder")
     pooler = build(
         "pooler", model_cfg["pooler"], "model.pooler", grid=encoder.grid, n_tokens=encoder.num_tokens
     )
-    decoder = build("decoder", decoder_cfg, "model.decoder")
+    from_file = load_init and inits["decoder"] is not None and "hf" in inits["decoder"]
+    with torch.device("meta") if from_file else contextlib.nullcontext():
+        decoder = build("decoder", decoder_cfg, "model.decoder")
     pool_after = bool(model_cfg.get("pool_after_connector", False))
     connector = build(
         "connector",
@@ -142,14 +161,16 @@ def build_model(model_cfg: Mapping[str, Any], *, vocab_size: int, image_token_id
             "pool before it (pool_after_connector: false) or use a connector that keeps the token count",
             key="model.pool_after_connector",
         )
-    return MultimodalModel(
-        encoder,
-        pooler,
-        connector,
-        decoder,
-        image_token_id=image_token_id,
-        pool_after_connector=pool_after,
+    model = MultimodalModel(
+        encoder, pooler, connector, decoder, image_token_id=image_token_id, pool_after_connector=pool_after
     )
+    if load_init:
+        if model_cfg.get("init") is not None:
+            load_model_init(model, model_cfg["init"])
+        for part, init in inits.items():
+            if init is not None:
+                load_part_init(model, part, init)
+    return model
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
