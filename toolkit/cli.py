@@ -112,6 +112,15 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(b)
     b.add_argument("--json", action="store_true")
     b.add_argument("--steps", type=int, default=20)
+    b = bsub.add_parser(
+        "gpu",
+        parents=[_COMMON],
+        help="CUDA machine: kernel parity tests, FSDP2 bf16 training step, kernel timings (one JSON)",
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--out", default=None, help="also write the JSON here")
+    b.add_argument("--only", default=None, help="comma-separated parts: kernels,parity,train,mixers,prefill")
+    b.add_argument("--quick", action="store_true")
     return ap
 
 
@@ -219,6 +228,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = (
         "chimera " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "chimera bench " + args.bench
     )
+    if args.bench == "gpu":
+        from toolkit.bench_gpu import PARTS, gpu_command
+
+        parts = args.only.split(",") if args.only else PARTS
+        return gpu_command(as_json=args.json, out_json=args.out, parts=parts, quick=args.quick)
     if args.bench == "mixers":
         from toolkit.bench import bench_mixers, format_mixers
 

@@ -8,13 +8,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None) -> Tensor:
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    prefix: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> Tensor:
     """Depthwise causal convolution followed by SiLU (``causal_conv1d_fn(..., activation="silu")``).
 
     x: [B, C, L]; weight: [C, W]; prefix: [B, C, W-1], the inputs just before ``x`` (zeros when None).
+    seq_idx: [B, L] integers, the packed sequence each position belongs to: an output sees only inputs of its
+    own sequence (``causal_conv1d_fn``'s ``seq_idx``; not combined with ``prefix``, as there).
     Returns [B, C, L].
     """
     width = weight.shape[-1]
+    if seq_idx is not None:
+        if prefix is not None:
+            raise ValueError("causal_conv1d: seq_idx and prefix (initial states) cannot be combined")
+        length, f = x.shape[-1], torch.promote_types(x.dtype, torch.float32)  # accumulate in fp32 at least
+        xp = F.pad(x.to(f), (width - 1, 0))
+        sp = F.pad(seq_idx, (width - 1, 0), value=-1)  # -1: no sequence (the zero padding)
+        out = xp.new_zeros(x.shape) if bias is None else bias.to(f)[:, None].expand(x.shape)
+        for k in range(width):  # tap k reads position t - (width - 1) + k
+            same = (sp[:, k : k + length] == seq_idx).unsqueeze(1)  # [B, 1, L]
+            out = out + weight[:, k, None].to(f) * xp[..., k : k + length] * same
+        return F.silu(out).to(x.dtype)
     if prefix is None:
         out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
     else:

@@ -10,13 +10,19 @@ LongLLaVA uses them)::
                  │                             └──────────────── u ──────────────────── selective scan ─ y
                  └─ z ──────────────────────────────────────────────────────── y * silu(z) ─ out_proj ─►
 
-Paths: on CUDA tensors with ``mamba_ssm`` and ``causal_conv1d`` importable (probed lazily in ``kernels.py``),
-their kernels run; otherwise the pure-PyTorch path (``causal_conv.py``, ``selective_scan.py``) computes the same
-math (fp32 scan) with the same parameters.
+Paths (``use_kernels``; the kernels are probed lazily in ``kernels.py``): on CUDA tensors with ``mamba_ssm`` and
+``causal_conv1d`` importable, training runs upstream's fused ``mamba_inner_fn`` (conv, projections and scan in one
+autograd function, recomputed in backward); Jamba's inner norms, a prefill into a decoding state, or a fused
+function that cannot run (a mamba-ssm / causal-conv1d version mismatch) use ``causal_conv1d_fn`` +
+``selective_scan_fn``; one token uses ``causal_conv1d_update`` + ``selective_state_update``. Otherwise (CPU,
+``never``, or sizes the kernels refuse: d_conv outside 2-4, d_state above 256) the pure-PyTorch path
+(``causal_conv.py``, ``selective_scan.py``) computes the same math (fp32 scan) with the same parameters.
+Packed sequences (``seq_idx``) are not supported: mamba_ssm's Mamba-1 scan has no such argument.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
-from components.mixers.kernels import check_use_kernels, log_path_once, mamba1_kernels, select_kernels
+from components.mixers.kernels import (
+    check_use_kernels,
+    conv_input,
+    kernel_limits,
+    log_path_once,
+    mamba1_kernels,
+    select_kernels,
+)
 from components.mixers.selective_scan import selective_scan
 from components.mixers.ssm_state import SSMState, keep_last_state
 from toolkit.registry import register
@@ -71,7 +84,8 @@ class Mamba(nn.Module):
             raise ValueError(f"dt_rank must be 'auto' or a positive integer, got {dt_rank!r}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        check_use_kernels(use_kernels, mamba1_kernels, "mamba")
+        self.kernel_limits = kernel_limits("mamba", d_conv=d_conv, d_state=d_state)
+        check_use_kernels(use_kernels, mamba1_kernels, "mamba", self.kernel_limits)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
@@ -158,7 +172,7 @@ class Mamba(nn.Module):
         With ``state`` (from ``allocate_cache``) continue from it and update it in place: L > 1 is a prefill,
         L == 1 one decoding step.
         """
-        kernels = select_kernels(self.use_kernels, mamba1_kernels, x, "mamba")
+        kernels = select_kernels(self.use_kernels, mamba1_kernels, x, "mamba", self.kernel_limits)
         if state is not None and x.shape[1] == 1:
             out = self._step(x[:, 0], state, kernels)
         elif kernels is not None and (state is None or state.seqlen_offset == 0):
@@ -202,7 +216,10 @@ class Mamba(nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2*d_inner, L]
         A = -torch.exp(self.A_log.float())
         weight = self.conv1d.weight.squeeze(1)
-        if state is None and not self.inner_norms:
+        if state is None and not self.inner_norms and k.mamba_inner_fn is None:
+            log_path_once("mamba", "causal_conv1d_fn + selective_scan_fn", k.inner_reason, logging.WARNING)
+        if state is None and not self.inner_norms and k.mamba_inner_fn is not None:
+            # xz is channel-last in memory; mamba_inner_fn makes it contiguous (channel-first) for the conv
             return k.mamba_inner_fn(
                 xz,
                 self.conv1d.weight,
@@ -219,12 +236,11 @@ class Mamba(nn.Module):
                 delta_softplus=True,
             )
         xs, z = xz.chunk(2, dim=1)
-        # xs is channel-last in memory; causal_conv1d_fn's channel-last kernel needs d_inner % 8 == 0 and
-        # 8-aligned strides, its channel-first one does not
-        xs = xs.contiguous()
         if state is not None:
             state.conv_state.copy_(F.pad(xs, (self.d_conv - seqlen, 0)))
-        u = k.causal_conv1d_fn(xs, weight, self.conv1d.bias, activation="silu")  # [B, d_inner, L]
+        # xs is a channel-last view: passed as is when the channel-last kernel can read it (d_inner % 8 == 0),
+        # else as a channel-first copy, which has no constraint (kernels.conv_input)
+        u = k.causal_conv1d_fn(conv_input(xs), weight, self.conv1d.bias, activation="silu")  # [B, d_inner, L]
         dt, B, C = self._dt_B_C(u.transpose(1, 2))
         result = k.selective_scan_fn(
             u,
@@ -245,7 +261,10 @@ class Mamba(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, d_inner]
         weight = self.conv1d.weight.squeeze(1)
         if k is not None:
-            u = k.causal_conv1d_update(xs, state.conv_state, weight, self.conv1d.bias, "silu")
+            # the kernel wants the input in the state's dtype (bf16 autocast makes xs bf16, the state is fp32)
+            u = k.causal_conv1d_update(
+                xs.to(state.conv_state.dtype), state.conv_state, weight, self.conv1d.bias, "silu"
+            ).to(xs.dtype)
         else:
             u = conv_step(xs, state.conv_state, weight, self.conv1d.bias)
         dt, B, C = self._dt_B_C(u)
@@ -256,7 +275,7 @@ class Mamba(nn.Module):
             )
         else:
             if k is not None:
-                log_path_once("mamba step", "PyTorch (selective_state_update missing)")
+                log_path_once("mamba", "PyTorch one-token step", "selective_state_update (Triton) is missing")
             dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # [B, d_inner]
             h = state.ssm_state.float() * torch.exp(dt.unsqueeze(-1) * A)
             h = h + (dt * u.float()).unsqueeze(-1) * B.float().unsqueeze(1)

@@ -9,13 +9,27 @@ Parameter names and shapes are exactly those of ``mamba_ssm.Mamba2`` (``in_proj`
                  ├─ x, B, C ─ causal conv1d ─ SiLU ─ SSD scan (heads) ─ y ─ gated RMSNorm(y, z) ─ out_proj ─►
                  └─ dt (one per head) ────────────────┘
 
-On CUDA with ``mamba_ssm`` importable (probed lazily in ``kernels.py``), ``mamba_chunk_scan_combined`` (Triton)
-runs the scan with ``chunk_size``; otherwise the pure-PyTorch chunked SSD in ``ssd.py`` computes the same math
-with a CPU-sized chunk (``SSD_CHUNK``).
+Paths (``use_kernels``; the kernels are probed lazily in ``kernels.py``):
+
+- training/prefill without a state, on CUDA: upstream's fused ``mamba_split_conv1d_scan_combined`` (conv, SSD
+  scan, gated RMSNorm and out_proj in one autograd function, recomputed in backward), when the layout allows
+  it (``fused_layout``: in_proj width, conv channels and the xBC offset multiples of 8, as causal_conv1d's
+  channel-last kernel needs them); else ``causal_conv1d_fn`` + ``mamba_chunk_scan_combined`` + the norm here.
+- a prefill continuing a state: the conv in PyTorch from the cached inputs, ``mamba_chunk_scan_combined``.
+- one token: ``causal_conv1d_update`` + ``selective_state_update``.
+- otherwise (CPU, ``never``, sizes the kernels refuse): the pure-PyTorch chunked SSD in ``ssd.py``, same math,
+  with a CPU-sized chunk (``SSD_CHUNK``).
+
+Packed sequences: ``forward(x, seq_idx=...)`` ([B, L] integers, non-decreasing from 0, one per packed
+sequence) keeps the conv and the state from crossing sequence boundaries, on every path (the kernels' own
+``seq_idx``; it needs conv channels % 8 == 0 there, else ``auto`` runs the PyTorch path). Not supported:
+``seq_idx`` with a decoding state, and ``cu_seqlens`` (upstream uses it only to return per-sequence states
+for inference). The decoder does not pack sequences yet, so only direct callers pass ``seq_idx``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
-from components.mixers.kernels import check_use_kernels, mamba2_kernels, select_kernels
+from components.mixers.kernels import (
+    FUSED_NORM_MAX_GROUP,
+    check_use_kernels,
+    conv_input,
+    kernel_limits,
+    log_path_once,
+    mamba2_kernels,
+    select_kernels,
+)
 from components.mixers.ssd import SSD_CHUNK, ssd_chunked
 from components.mixers.ssm_state import SSMState, keep_last_state
 from toolkit.registry import register
@@ -115,7 +137,8 @@ class Mamba2(nn.Module):
             raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {list(A_init_range)}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        check_use_kernels(use_kernels, mamba2_kernels, "mamba2")
+        self.kernel_limits = kernel_limits("mamba2", d_conv=d_conv)
+        check_use_kernels(use_kernels, mamba2_kernels, "mamba2", self.kernel_limits)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.expand, self.headdim = d_state, d_conv, expand, headdim
         self.d_inner, self.d_ssm, self.nheads, self.ngroups = d_inner, d_ssm, nheads, ngroups
@@ -125,6 +148,7 @@ class Mamba2(nn.Module):
         self.chunk_size, self.use_kernels = chunk_size, use_kernels
         self.d_mlp = d_inner - d_ssm  # channels that bypass the SSM as a gated MLP (0 by default)
         self.conv_dim = d_ssm + 2 * ngroups * d_state
+        self.fused_layout = self._fused_layout_reason()
 
         # in_proj output order: [z0, x0 (gated MLP), z, x, B, C, dt]
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)
@@ -194,6 +218,42 @@ class Mamba2(nn.Module):
     def _D(self) -> Tensor:
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
 
+    def _fused_layout_reason(self) -> str:
+        """Why ``mamba_split_conv1d_scan_combined`` cannot take this mixer's layout, or "".
+
+        It hands causal_conv1d the xBC slice of in_proj's output as a channel-last view (mamba-ssm 2.2.5-2.2.6
+        copy it channel-first when in_proj's width is not a multiple of 8, 2.3 asserts conv channels % 8 == 0),
+        and the channel-last kernel needs channels, strides (the in_proj width) and the slice's start (2 d_mlp +
+        d_ssm) in multiples of 8; the gated RMSNorm refuses groups above 64 KB. Requiring all of them keeps
+        every mamba-ssm >= 2.2.5 on its tested channel-last path, with or without ``seq_idx``.
+        """
+        width = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+        checks = (
+            (self.conv_dim % 8 == 0, f"conv channels {self.conv_dim} not a multiple of 8"),
+            (width % 8 == 0, f"in_proj width {width} not a multiple of 8"),
+            (
+                (2 * self.d_mlp + self.d_ssm) % 8 == 0,
+                f"xBC offset {2 * self.d_mlp + self.d_ssm} not a multiple of 8",
+            ),
+            (
+                not self.rmsnorm or self.d_ssm // self.ngroups <= FUSED_NORM_MAX_GROUP,
+                f"norm group {self.d_ssm // self.ngroups} above {FUSED_NORM_MAX_GROUP}",
+            ),
+        )
+        return "; ".join(why for ok, why in checks if not ok)
+
+    def _check_seq_idx(self, seq_idx: Tensor | None, x: Tensor, state: Mamba2State | None) -> Tensor | None:
+        if seq_idx is None:
+            return None
+        if state is not None:
+            raise ValueError("mamba2: seq_idx (packed sequences) is not supported with a decoding state")
+        if seq_idx.shape != x.shape[:2] or seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+            raise ValueError(
+                f"mamba2: seq_idx must be integers of shape [batch, seqlen] = {list(x.shape[:2])}, "
+                f"got {seq_idx.dtype} {list(seq_idx.shape)}"
+            )
+        return seq_idx.to(device=x.device, dtype=torch.int32).contiguous()  # what causal_conv1d requires
+
     def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
         """Gate/normalise the SSM output y [..., d_ssm], prepend the gated-MLP channels, project out."""
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
@@ -201,36 +261,83 @@ class Mamba2(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def forward(self, x: Tensor, state: Mamba2State | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, state: Mamba2State | None = None, *, seq_idx: Tensor | None = None
+    ) -> Tensor:
         """x: [B, L, d_model] -> [B, L, d_model].
 
         With ``state`` (from ``allocate_cache``) continue from it and update it in place: L > 1 is a prefill,
-        L == 1 one decoding step.
+        L == 1 one decoding step. ``seq_idx`` [B, L] (integers, non-decreasing from 0) marks packed sequences:
+        nothing crosses from one to the next.
         """
-        kernels = select_kernels(self.use_kernels, mamba2_kernels, x, "mamba2")
+        seq_idx = self._check_seq_idx(seq_idx, x, state)
+        limits = self.kernel_limits
+        if seq_idx is not None and self.conv_dim % 8:
+            limits = "; ".join(
+                filter(None, [limits, f"seq_idx needs conv channels % 8 == 0 (got {self.conv_dim})"])
+            )
+        kernels = select_kernels(self.use_kernels, mamba2_kernels, x, "mamba2", limits)
         if state is not None and x.shape[1] == 1:
             out = self._step(x[:, 0], state, kernels).unsqueeze(1)
+        elif kernels is not None and state is None and self._use_fused(kernels):
+            out = self._forward_fused(x, kernels, seq_idx)
         else:
-            out = self._forward_seq(x, state, kernels)
+            out = self._forward_seq(x, state, kernels, seq_idx)
         if state is not None:
             state.seqlen_offset += x.shape[1]
         return out
 
-    def _forward_seq(self, x: Tensor, state: Mamba2State | None, k) -> Tensor:
+    def _use_fused(self, k) -> bool:
+        if k.mamba_split_conv1d_scan_combined is None:
+            log_path_once(
+                "mamba2", "causal_conv1d_fn + mamba_chunk_scan_combined", k.fused_reason, logging.WARNING
+            )
+            return False
+        if self.fused_layout:
+            log_path_once("mamba2", "causal_conv1d_fn + mamba_chunk_scan_combined", self.fused_layout)
+            return False
+        return True
+
+    def _forward_fused(self, x: Tensor, k, seq_idx: Tensor | None) -> Tensor:
+        """Upstream's training path (``Mamba2.forward`` with ``use_mem_eff_path``): one fused autograd function
+        from in_proj's output to out_proj's, recomputing the conv and the scan in backward."""
+        return k.mamba_split_conv1d_scan_combined(
+            self.in_proj(x),
+            self.conv1d.weight.squeeze(1),  # [conv_dim, d_conv]
+            self.conv1d.bias,
+            self.dt_bias,
+            -torch.exp(self.A_log.float()),
+            D=self._D(),
+            chunk_size=self.chunk_size,
+            seq_idx=seq_idx,
+            activation="silu",
+            rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+            rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6,
+            outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias,
+            headdim=None if self.D_has_hdim else self.headdim,
+            ngroups=self.ngroups,
+            norm_before_gate=self.norm.norm_before_gate if self.rmsnorm else False,
+        )
+
+    def _forward_seq(self, x: Tensor, state: Mamba2State | None, k, seq_idx: Tensor | None = None) -> Tensor:
         batch, seqlen, _ = x.shape
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))
-        xBC_t = xBC.transpose(1, 2)  # [B, conv_dim, L]
+        xBC_t = xBC.transpose(1, 2)  # [B, conv_dim, L], channel-last in memory
         weight = self.conv1d.weight.squeeze(1)
         fresh = state is None or state.seqlen_offset == 0
         if k is not None and k.causal_conv1d_fn is not None and fresh:
-            # channel-first copy: the channel-last kernel needs conv_dim % 8 == 0 and 8-aligned strides, and
-            # xBC_t's strides are in_proj's width (2 d_inner + 2 ngroups d_state + nheads)
+            # the view itself when the channel-last kernel can read it, else a copy (kernels.conv_input)
             conv_out = k.causal_conv1d_fn(
-                xBC_t.contiguous(), weight, bias=self.conv1d.bias, activation="silu"
+                conv_input(xBC_t, channel_last=seq_idx is not None),
+                weight,
+                self.conv1d.bias,
+                seq_idx=seq_idx,
+                activation="silu",
             )
         else:
             prefix = None if state is None else state.conv_state[..., 1:]
-            conv_out = causal_conv1d(xBC_t, weight, self.conv1d.bias, prefix=prefix)
+            conv_out = causal_conv1d(xBC_t, weight, self.conv1d.bias, prefix=prefix, seq_idx=seq_idx)
         if state is not None:
             state.conv_state.copy_(last_inputs(xBC_t, state.conv_state))
         xs, B, C = torch.split(
@@ -242,7 +349,8 @@ class Mamba2(nn.Module):
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # [B, L, G, N]
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         initial = None if fresh else state.ssm_state
-        y = keep_last_state(self._scan(xs, dt, B, C, initial, state is not None, k), state)
+        y = self._scan(xs, dt, B, C, initial, state is not None, k, seq_idx)
+        y = keep_last_state(y, state)
         return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
 
     @property
@@ -274,7 +382,15 @@ class Mamba2(nn.Module):
         return self._scan(x, dt, B, C, initial_state, return_final_state, kernels)
 
     def _scan(
-        self, xs: Tensor, dt: Tensor, B: Tensor, C: Tensor, initial: Tensor | None, return_final: bool, k
+        self,
+        xs: Tensor,
+        dt: Tensor,
+        B: Tensor,
+        C: Tensor,
+        initial: Tensor | None,
+        return_final: bool,
+        k,
+        seq_idx: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         A = -torch.exp(self.A_log.float())
         if k is not None:
@@ -288,8 +404,9 @@ class Mamba2(nn.Module):
                 D=self._D(),
                 z=None,
                 dt_bias=self.dt_bias,
-                dt_softplus=True,
                 initial_states=initial,
+                seq_idx=seq_idx,
+                dt_softplus=True,
                 return_final_states=return_final,
             )
         return ssd_chunked(
@@ -304,6 +421,7 @@ class Mamba2(nn.Module):
             initial_state=initial,
             return_final_state=return_final,
             chunk_size=self.torch_chunk_size,
+            seq_idx=seq_idx,
         )
 
     def _step(self, x: Tensor, state: Mamba2State, k) -> Tensor:
@@ -311,7 +429,10 @@ class Mamba2(nn.Module):
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))
         weight = self.conv1d.weight.squeeze(1)
         if k is not None and k.causal_conv1d_update is not None:
-            xBC = k.causal_conv1d_update(xBC, state.conv_state, weight, self.conv1d.bias, "silu")
+            # the kernel wants the input in the state's dtype (bf16 autocast makes xBC bf16, the state is fp32)
+            xBC = k.causal_conv1d_update(
+                xBC.to(state.conv_state.dtype), state.conv_state, weight, self.conv1d.bias, "silu"
+            ).to(xBC.dtype)
         else:
             xBC = conv_step(xBC, state.conv_state, weight, self.conv1d.bias)
         xs, B, C = torch.split(

@@ -29,6 +29,7 @@ def ssd_chunked(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
     chunk_size: int = SSD_CHUNK,
+    seq_idx: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2 scan (scalar decay per head) as the chunked SSD algorithm: ``mamba_chunk_scan_combined``'s math.
 
@@ -38,6 +39,9 @@ def ssd_chunked(
         x: [B, L, H, P]. dt: [B, L, H] (before ``dt_bias``/softplus). A: [H] (negative).
         B, C: [B, L, G, N] with G groups (H divisible by G). D: [H] or [H, P].
         initial_state: [B, H, P, N].
+        seq_idx: [B, L] integers, non-decreasing from 0: the packed sequence of each position. The state is
+            not carried across a change of sequence, with ``mamba_chunk_scan_combined``'s semantics:
+            ``initial_state`` feeds sequence 0 only, and the final state is that of the last sequence.
     Returns:
         y [B, L, H, P] in ``x``'s dtype, and the final state [B, H, P, N] (fp32) when ``return_final_state``.
     """
@@ -67,6 +71,9 @@ def ssd_chunked(
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     nc = (length + pad) // T
+    if seq_idx is not None:  # padding belongs to the last sequence (dt = 0 there: nothing changes)
+        sidx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], 1) if pad else seq_idx
+        sidx = sidx.view(batch, nc, T)
     # layouts: [batch, chunk, group, head-in-group, time, ...]
     xdt = xdt.view(batch, nc, T, ngroups, per_group, headdim).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,e,T,P]
     a_cs = a.view(batch, nc, T, ngroups, per_group).permute(0, 1, 3, 4, 2).cumsum(-1)  # [b,c,g,e,T]
@@ -77,15 +84,26 @@ def ssd_chunked(
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     seg = (a_cs.unsqueeze(-1) - a_cs.unsqueeze(-2)).clamp(EXP_FLOOR, 0.0)  # <= 0 on and below the diagonal
     decay = seg.exp().masked_fill(~causal, 0.0)  # [b,c,g,e,T,T]
+    if seq_idx is not None:  # only positions of the same sequence interact
+        decay = decay * (sidx.unsqueeze(-1) == sidx.unsqueeze(-2))[:, :, None, None]
     y = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xdt  # [b,c,g,e,T,P]
 
     # 2. each chunk's own contribution to the state at its end
     to_end = (a_cs[..., -1:] - a_cs).clamp(min=EXP_FLOOR).exp().unsqueeze(-1)  # [b,c,g,e,T,1]
+    if seq_idx is not None:  # only the sequence the chunk ends in reaches the chunk's end state
+        end = sidx[..., -1]  # [b, c]
+        to_end = to_end * (sidx == end.unsqueeze(-1))[:, :, None, None, :, None]
     chunk_states = (xdt * to_end).transpose(-1, -2) @ Bc  # [b,c,g,e,P,N]
 
     # 3. across chunks, sequentially: the state entering each chunk
     from_start = a_cs.clamp(min=EXP_FLOOR).exp()  # decay from the chunk's start [b,c,g,e,T]
     chunk_decay = from_start[..., -1]  # [b,c,g,e]
+    if seq_idx is not None:
+        # the sequence before each chunk (0 before the first: the initial state belongs to sequence 0); the
+        # state passes a chunk only when the chunk ends in that sequence, and reaches only its positions
+        prev_end = F.pad(end[:, :-1], (1, 0))  # [b, c]
+        chunk_decay = chunk_decay * (end == prev_end)[:, :, None, None]
+        from_start = from_start * (sidx == prev_end.unsqueeze(-1))[:, :, None, None, :]
     if initial_state is None:
         h = chunk_states.new_zeros(batch, ngroups, per_group, headdim, dstate)
     else:

@@ -1,10 +1,13 @@
 """Mamba-1 mixer: exact math (vs a per-step reference written here), parity with transformers' MambaMixer and
-JambaMambaMixer, decoding, state-dict names, kernel selection (the CUDA path is exercised with stand-ins that
-follow mamba_ssm's documented signatures)."""
+JambaMambaMixer, decoding, state-dict names, kernel selection and probing (the CUDA path is exercised on CPU
+with strict stand-ins for the kernels, ``kernel_parity.py``; the ``gpu`` tests run the real kernels)."""
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +18,7 @@ from components.mixers import kernels as mixer_kernels
 from components.mixers import mamba as mamba_module
 from components.mixers.mamba import Mamba, MambaState
 from components.mixers.selective_scan import selective_scan
+from tests.components import kernel_parity as kp
 from tests.components.kernel_parity import (
     assert_kernel_decoding_matches,
     assert_kernel_path_matches,
@@ -65,7 +69,7 @@ def reference_forward(m: Mamba, x: torch.Tensor) -> torch.Tensor:
 
 def make(d_model: int = D_MODEL, use_kernels: str = "never", **kwargs) -> Mamba:
     torch.manual_seed(0)
-    m = Mamba(d_model, d_state=8, use_kernels=use_kernels, **kwargs)
+    m = Mamba(d_model, use_kernels=use_kernels, **{"d_state": 8, **kwargs})
     with torch.no_grad():  # non-trivial norms and larger time steps than the init, so every term matters
         if m.inner_norms:
             for norm in (m.dt_layernorm, m.b_layernorm, m.c_layernorm):
@@ -259,75 +263,223 @@ def test_registered_with_pattern_letter():
     assert m.layer_idx == 3 and m.d_state == 4
 
 
-# --- the CUDA path's plumbing, with stand-ins for mamba_ssm / causal_conv1d (their documented layouts) -------
+# --- the CUDA path's plumbing on CPU: strict stand-ins (kernel_parity.py) with upstream's signatures and checks --
 
 
-def stub_causal_conv1d_fn(x, weight, bias=None, activation=None):  # x [B, D, L], weight [D, W]
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[
-        ..., : x.shape[-1]
-    ]
-    return F.silu(out) if activation == "silu" else out
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Route CPU tensors as if they were on CUDA, with the stand-ins as the probe's result; returns a setter."""
+    monkeypatch.setattr(mixer_kernels, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(mixer_kernels, "_LOGGED", set())
+    kp.conv_layouts.clear()
+
+    def use(kernels=None, missing=""):
+        kernels = kp.stand_in_kernels("mamba") if kernels is None and not missing else kernels
+        monkeypatch.setattr(mamba_module, "mamba1_kernels", lambda: (kernels, missing))
+        return kernels
+
+    return use
 
 
-def stub_causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):  # x [B, D], state [B, D, W]
-    conv_state.copy_(torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1))
-    out = (conv_state * weight).sum(-1) + (bias if bias is not None else 0)
-    return F.silu(out) if activation == "silu" else out
+def forward_and_grads(m: Mamba, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, g = grads(m, x, m)
+    return {"out": out, **g}
 
 
-def stub_selective_scan_fn(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
-):
-    # u, delta, z: [B, D, L]; B, C: [B, N, L]
-    assert u.shape == delta.shape and B.shape[-1] == u.shape[-1] and B.shape[1] == A.shape[1]
-    t = lambda v: None if v is None else v.transpose(1, 2)  # noqa: E731
-    y, last = selective_scan_ref(
-        t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias, delta_softplus, return_last_state=True
-    )
-    return (t(y), last) if return_last_state else t(y)
-
-
-def stub_mamba_inner_fn(
-    xz, conv_w, conv_b, x_proj_w, delta_proj_w, out_proj_w, out_proj_b, A, B, C, D, delta_bias, delta_softplus
-):
-    x, z = xz.chunk(2, dim=1)
-    x = stub_causal_conv1d_fn(x, conv_w[:, 0], conv_b, "silu")
-    rank, n = delta_proj_w.shape[1], A.shape[1]
-    dt, Bm, Cm = torch.split(x.transpose(1, 2) @ x_proj_w.T, [rank, n, n], dim=-1)
-    delta = (dt @ delta_proj_w.T).transpose(1, 2)
-    y = stub_selective_scan_fn(
-        x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z, delta_bias, delta_softplus
-    )
-    return F.linear(y.transpose(1, 2), out_proj_w, out_proj_b)
-
-
-def stub_selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    dt = F.softplus(dt + dt_bias) if dt_softplus else dt + dt_bias
-    state.copy_(state * torch.exp(dt.unsqueeze(-1) * A) + (dt * x).unsqueeze(-1) * B.unsqueeze(1))
-    return ((state * C.unsqueeze(1)).sum(-1) + D * x) * F.silu(z)
-
-
-STUBS = SimpleNamespace(
-    causal_conv1d_fn=stub_causal_conv1d_fn,
-    causal_conv1d_update=stub_causal_conv1d_update,
-    selective_scan_fn=stub_selective_scan_fn,
-    mamba_inner_fn=stub_mamba_inner_fn,
-    selective_state_update=stub_selective_state_update,
+@pytest.mark.parametrize(
+    "d_model,inner_norms,layout",
+    [
+        (32, False, "channel-first"),  # mamba_inner_fn (it makes xz contiguous: channel-first)
+        (32, True, "channel-last"),  # causal_conv1d_fn on the channel-last view (d_inner 64)
+        (18, True, "channel-first"),  # d_inner 36: the view would fail the channel-last checks, so a copy
+    ],
 )
-
-
-@pytest.mark.parametrize("inner_norms", [False, True])
-def test_kernel_path_computes_the_torch_path_s_math(monkeypatch, inner_norms):
-    m = make(inner_norms=inner_norms)
-    x = torch.randn(BATCH, LENGTH, D_MODEL)
+def test_kernel_path_passes_upstream_checks_and_computes_the_torch_path_s_math(
+    fake_cuda, d_model, inner_norms, layout
+):
+    m = make(d_model, inner_norms=inner_norms)
+    x = torch.randn(BATCH, LENGTH, d_model)
+    want = forward_and_grads(m, x)
     with torch.no_grad():
-        torch_full = m(x)
-        monkeypatch.setattr(mamba_module, "select_kernels", lambda *a: STUBS)
-        kernel_full = m(x)  # training path: mamba_inner_fn, or conv + scan with inner norms
+        state_ref = m.allocate_cache(BATCH, LENGTH)
+        torch_steps = [m(x[:, :20], state_ref)] + [m(x[:, t : t + 1], state_ref) for t in range(20, LENGTH)]
+    fake_cuda()
+    m.use_kernels = "auto"
+    got = forward_and_grads(m, x)  # mamba_inner_fn, or causal_conv1d_fn + selective_scan_fn with inner norms
+    expected = [layout] if inner_norms else []
+    assert kp.conv_layouts == expected
+    for name in want:
+        assert (got[name] - want[name]).abs().max() <= 1e-4, name
+    with torch.no_grad():  # prefill (causal_conv1d_fn + selective_scan_fn), then the one-token kernels
         state = m.allocate_cache(BATCH, LENGTH)
         outs = [m(x[:, :20], state)] + [m(x[:, t : t + 1], state) for t in range(20, LENGTH)]
-    assert (kernel_full - torch_full).abs().max() <= 1e-4
-    assert (torch.cat(outs, dim=1) - torch_full).abs().max() <= 1e-4
+    assert (torch.cat(outs, 1) - torch.cat(torch_steps, 1)).abs().max() <= 1e-4
+    assert (state.ssm_state - state_ref.ssm_state).abs().max() <= 1e-4
+    assert torch.equal(state.conv_state, state_ref.conv_state)
+
+
+def test_unusable_mamba_inner_fn_falls_back_to_the_separate_kernels_and_says_why(fake_cuda, caplog):
+    why = "mamba_inner_fn cannot run: mamba-ssm 2.2.5 calls causal_conv1d.cpp_functions, which ..."
+    fake_cuda(kp.stand_in_kernels("mamba", mamba_inner_fn=None, inner_reason=why))
+    m = make(use_kernels="auto")
+    x = torch.randn(BATCH, LENGTH, D_MODEL)
+    with torch.no_grad():
+        want = mamba_module.Mamba._forward_torch(m, x, None)
+        with caplog.at_level(logging.INFO, logger="chimera"):
+            got = m(x)
+            m(x)
+    assert kp.conv_layouts == ["channel-last", "channel-last"]  # causal_conv1d_fn ran
+    assert (got - want).abs().max() <= 1e-4
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"mamba mixer: using the causal_conv1d_fn + selective_scan_fn path: {why}"]
+
+
+def test_decoding_under_bf16_autocast_with_fp32_weights_casts_for_causal_conv1d_update(fake_cuda):
+    """causal_conv1d_update checks conv_state.dtype == x.dtype: the fp32 state meets bf16 activations."""
+    m = make()  # fp32 weights, so an fp32 state
+    x = torch.randn(BATCH, 12, D_MODEL)
+    with torch.no_grad():
+        want = m(x)
+        with pytest.raises(kp.KernelCheck, match="conv_state dtype"):  # the check the mixer must satisfy
+            kp.causal_conv1d_update(
+                torch.zeros(BATCH, m.d_inner, dtype=torch.bfloat16),
+                m.allocate_cache(BATCH, 1).conv_state,
+                m.conv1d.weight.squeeze(1),
+            )
+        fake_cuda()
+        m.use_kernels = "auto"
+        state = m.allocate_cache(BATCH, 12)
+        assert state.conv_state.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [m(x[:, :5], state)] + [m(x[:, t : t + 1], state) for t in range(5, 12)]
+    got = torch.cat(outs, 1).float()
+    assert outs[-1].dtype == torch.bfloat16 and state.conv_state.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16 matmuls
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        ({"d_conv": 5}, "d_conv=5 is outside causal_conv1d's conv widths 2-4"),
+        ({"d_state": 300}, "d_state=300"),
+    ],
+)
+def test_sizes_the_kernels_refuse_fall_back_under_auto_and_fail_under_always(
+    fake_cuda, caplog, kwargs, reason
+):
+    def refuse(*args, **kw):
+        raise AssertionError("no kernel may be called for sizes it refuses")
+
+    fake_cuda(SimpleNamespace(**{n: refuse for n in vars(kp.stand_in_kernels("mamba"))}))
+    with pytest.raises(ChimeraError, match=reason) as err:
+        Mamba(D_MODEL, use_kernels="always", **kwargs)
+    assert "use_kernels: auto" in str(err.value)
+    torch.manual_seed(0)
+    m = Mamba(D_MODEL, **kwargs)  # auto
+    x = torch.randn(1, 9, D_MODEL)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="chimera"):
+        got = m(x)
+        m(x)
+        want = mamba_module.Mamba._forward_torch(m, x, None)
+    assert torch.equal(got, want)
+    messages = [r.getMessage() for r in caplog.records if "mamba mixer" in r.getMessage()]
+    assert (
+        len(messages) == 1
+        and reason in messages[0]
+        and messages[0].startswith(
+            "mamba mixer: using the PyTorch (cpu) path: the CUDA kernels cannot run it"
+        )
+    )
+
+
+def test_use_kernels_always_on_cuda_without_kernels_fails_naming_the_probe_s_reason(fake_cuda):
+    fake_cuda(None, "mamba_ssm.ops.selective_scan_interface (ModuleNotFoundError: No module named 'x')")
+    with pytest.raises(ChimeraError, match="No module named 'x'"):
+        Mamba(D_MODEL, use_kernels="always")
+
+
+# --- the probe, against fake installs of mamba-ssm / causal-conv1d ----------------------------------------------
+
+
+def fake_install(monkeypatch, mamba: str, conv: str, backend: dict[str, object]) -> None:
+    """Fake modules for what ``mamba1_kernels`` imports; ``backend``: what selective_scan_interface's module
+    namespace holds for its causal_conv1d backend (``causal_conv1d_fwd_function`` in >= 2.2.5, else
+    ``causal_conv1d_cuda``; None when its import failed)."""
+    sel = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    sel.selective_scan_fn, sel.mamba_inner_fn = kp.selective_scan_fn, kp.mamba_inner_fn
+    for name, value in backend.items():
+        setattr(sel, name, value)
+    conv_mod = types.ModuleType("causal_conv1d")
+    conv_mod.causal_conv1d_fn, conv_mod.causal_conv1d_update = kp.causal_conv1d_fn, kp.causal_conv1d_update
+    monkeypatch.setitem(sys.modules, sel.__name__, sel)
+    monkeypatch.setitem(sys.modules, "causal_conv1d", conv_mod)
+    versions = {"mamba-ssm": mamba, "causal-conv1d": conv}
+    monkeypatch.setattr(mixer_kernels, "installed_version", versions.get)
+
+
+@pytest.fixture
+def fresh_probe():
+    mixer_kernels.mamba1_kernels.cache_clear()
+    yield
+    mixer_kernels.mamba1_kernels.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "mamba,conv,backend,why",
+    [
+        ("2.2.6", "1.5.2", {"causal_conv1d_fwd_function": object()}, ""),
+        ("2.3.1", "1.6.1", {"causal_conv1d_fwd_function": object()}, ""),
+        ("2.2.4", "1.5.0.post8", {"causal_conv1d_cuda": object()}, ""),
+        # 2.2.5+ with causal-conv1d 1.5.0: its try-import of cpp_functions failed, the function is None
+        ("2.2.5", "1.5.0.post8", {"causal_conv1d_fwd_function": None}, r"lacks \(added in 1\.5\.1\)"),
+        # 2.2.4 with causal-conv1d 1.5.1: imports fine, then calls the compiled fwd with the old arguments
+        ("2.2.4", "1.5.1", {"causal_conv1d_cuda": object()}, r"pip install 'mamba-ssm>=2\.2\.5'"),
+    ],
+)
+def test_probe_checks_what_mamba_inner_fn_will_call(monkeypatch, fresh_probe, mamba, conv, backend, why):
+    fake_install(monkeypatch, mamba, conv, backend)
+    kernels, missing = mixer_kernels.mamba1_kernels()
+    assert missing == "" and kernels.selective_scan_fn is kp.selective_scan_fn
+    assert kernels.versions == {"mamba_ssm": mamba, "causal_conv1d": conv}
+    if why:
+        assert kernels.mamba_inner_fn is None and re.search(why, kernels.inner_reason), kernels.inner_reason
+        assert (
+            f"mamba-ssm {mamba}" in kernels.inner_reason and f"causal-conv1d {conv}" in kernels.inner_reason
+        )
+    else:
+        assert kernels.mamba_inner_fn is kp.mamba_inner_fn and kernels.inner_reason == ""
+    report = mixer_kernels.kernel_report()
+    assert report["versions"] == kernels.versions and report["mamba1"]["mamba_inner_fn"] is (not why)
+
+
+def test_probe_reports_a_missing_compiled_extension(monkeypatch, fresh_probe):
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)  # import raises
+    kernels, missing = mixer_kernels.mamba1_kernels()
+    assert kernels is None and "mamba_ssm.ops.selective_scan_interface" in missing
+    # mamba-ssm after 2.3.2 imports without its CUDA scan (selective_scan_cuda = None) and raises when called
+    mixer_kernels.mamba1_kernels.cache_clear()
+    fake_install(
+        monkeypatch, "2.3.3", "1.6.1", {"causal_conv1d_fwd_function": object(), "selective_scan_cuda": None}
+    )
+    kernels, missing = mixer_kernels.mamba1_kernels()
+    assert kernels is None and "MAMBA_KEEP_CUDA_BUILD=TRUE" in missing
+
+
+def test_conv_input_keeps_a_valid_channel_last_view_and_copies_otherwise():
+    conv_input = mixer_kernels.conv_input
+    xz = torch.randn(2, 5, 128).transpose(1, 2)  # [B, 128, L], channel-last, strides (640, 1, 128)
+    assert conv_input(xz[:, :64]) is not None and conv_input(xz[:, :64]).data_ptr() == xz.data_ptr()
+    odd = torch.randn(2, 5, 72).transpose(1, 2)[:, :36]  # 36 channels: the channel-last kernel refuses them
+    copy = conv_input(odd)
+    assert copy.is_contiguous() and torch.equal(copy, odd)
+    assert conv_input(odd, channel_last=True) is None  # seq_idx needs channel-last: impossible here
+    base = torch.randn(2, 5, 136).transpose(1, 2)
+    shifted = base[:, 2:66]  # 64 channels, strides fine, but it starts 8 bytes in: vector loads need 16
+    assert shifted.data_ptr() % 16 == 8 and conv_input(shifted).is_contiguous()
+    assert conv_input(base[:, 8:72]).data_ptr() == base.data_ptr() + 32  # 32 bytes in: kept as a view
+    cl = conv_input(torch.randn(2, 64, 5), channel_last=True)  # channel-first in, channel-last copy out
+    assert cl.stride(1) == 1 and cl.stride(2) == 64
+    kp.check_conv_fwd(cl, torch.randn(64, 4), None, torch.zeros(2, 5, dtype=torch.int32))
 
 
 # --- the real CUDA kernels against the PyTorch path (skipped, with the reason, without CUDA or mamba_ssm) ------
@@ -335,19 +487,24 @@ def test_kernel_path_computes_the_torch_path_s_math(monkeypatch, inner_norms):
 KERNEL_CASES = {  # name: (d_model, inner_norms, length)
     "fused": (32, False, LENGTH),  # mamba_inner_fn, d_inner 64
     "fused-d_inner36": (18, False, 130),  # d_inner 36: not a multiple of 8
-    "norms-d_inner36": (18, True, LENGTH),  # causal_conv1d_fn + selective_scan_fn (Jamba's inner norms)
+    "norms-d_inner64": (32, True, 130),  # causal_conv1d_fn on the channel-last view + selective_scan_fn
+    "norms-d_inner36": (18, True, LENGTH),  # causal_conv1d_fn on a channel-first copy (Jamba's inner norms)
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
-def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype):
+def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype, monkeypatch):
     skip_without_kernels(mixer_kernels.mamba1_kernels)
     d_model, inner_norms, length = KERNEL_CASES[case]
+    kernels = mixer_kernels.mamba1_kernels()[0]
+    assert kernels.mamba_inner_fn is not None, kernels.inner_reason  # the installed pair must be consistent
+    fused = kp.count_calls(kernels, "mamba_inner_fn", monkeypatch)
     ref = make(d_model, inner_norms=inner_norms)
     kernel_mixer = make(d_model, use_kernels="always", inner_norms=inner_norms)
     assert_kernel_path_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), dtype)
+    assert (fused[0] > 0) is (not inner_norms)
 
 
 @pytest.mark.gpu
@@ -359,6 +516,41 @@ def test_cuda_kernel_decoding_matches_the_torch_forward(inner_norms):
     ref = make(18, inner_norms=inner_norms)
     kernel_mixer = make(18, use_kernels="always", inner_norms=inner_norms)
     assert_kernel_decoding_matches(ref, kernel_mixer, torch.randn(BATCH, LENGTH, 18), split=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_model", [32, 18])
+def test_cuda_kernel_decoding_under_bf16_autocast_with_fp32_weights(d_model):
+    """The generation setting of a bf16-mixed model: fp32 weights and state, bf16 activations."""
+    skip_without_kernels(mixer_kernels.mamba1_kernels)
+    ref = make(d_model)
+    kernel_mixer = make(d_model, use_kernels="always").cuda()
+    kernel_mixer.load_state_dict(ref.state_dict())
+    x = torch.randn(BATCH, 24, d_model)
+    with torch.no_grad():
+        want = ref(x)
+        state = kernel_mixer.allocate_cache(BATCH, 24)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            xc = x.cuda()
+            outs = [kernel_mixer(xc[:, :10], state)] + [
+                kernel_mixer(xc[:, t : t + 1], state) for t in range(10, 24)
+            ]
+    got = torch.cat(outs, 1).float().cpu()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_sizes_the_kernels_refuse_run_the_torch_path_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for kwargs in ({"d_conv": 5}, {"d_state": 300}):
+        ref = make(**kwargs)
+        gpu = make(use_kernels="auto", **kwargs).cuda()
+        x = torch.randn(BATCH, LENGTH, D_MODEL)
+        with torch.no_grad():
+            assert (gpu(x.cuda()).cpu() - ref(x)).abs().max() <= 1e-3
+        with pytest.raises(ChimeraError, match="cannot run this mixer"):
+            make(use_kernels="always", **kwargs)
 
 
 def test_mixer_bench_quick_runs_and_formats():

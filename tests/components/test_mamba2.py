@@ -1,18 +1,25 @@
 """Mamba-2 mixer: the chunked SSD path against a per-step reference written here (outputs and gradients),
-decoding, mamba_ssm state-dict names, kernel selection (the CUDA path through stand-ins for its kernels)."""
+decoding, packed sequences (seq_idx), mamba_ssm state-dict names, kernel selection and probing (the CUDA path
+on CPU through strict stand-ins for its kernels, ``kernel_parity.py``; the ``gpu`` tests run the real ones)."""
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+import types
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from components.mixers import kernels as mixer_kernels
 from components.mixers import mamba2 as mamba2_module
 from components.mixers.kernels import mamba2_kernels
 from components.mixers.mamba2 import Mamba2, Mamba2State
 from components.mixers.ssd import ssd_chunked
+from tests.components import kernel_parity as kp
 from tests.components.kernel_parity import (
     assert_kernel_decoding_matches,
     assert_kernel_path_matches,
@@ -275,88 +282,400 @@ def test_registered_with_pattern_letter():
     assert m.nheads == 4 and m.A_init_range == (2.0, 4.0)
 
 
-# --- the CUDA path's plumbing, with stand-ins following mamba_ssm's documented signatures ---------------------
+# --- packed sequences (seq_idx) on the PyTorch path ---------------------------------------------------------------
 
 
-def stub_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-                    dt_softplus=False, return_final_states=False):  # fmt: skip
-    assert chunk_size == 256 and z is None  # the module's GPU chunk; rmsnorm gating happens outside
-    y, last = ssd_ref(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_states, return_final_state=True)
-    return (y, last) if return_final_states else y
+def packed_ids(lengths: list[list[int]]) -> torch.Tensor:
+    """seq_idx [B, L] from per-row sequence lengths (each row sums to the same L)."""
+    return torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
 
 
-def stub_conv_fn(x, weight, bias=None, activation=None):
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[
-        ..., : x.shape[-1]
-    ]
-    return F.silu(out)
+ROWS = [[16, 5, 16], [1, 30, 6]]  # boundaries on and off the chunk edges (chunks of 8/16), a 1-token sequence
 
 
-def stub_conv_update(x, conv_state, weight, bias=None, activation=None):
-    conv_state.copy_(torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1))
-    return F.silu((conv_state * weight).sum(-1) + bias)
+def test_causal_conv_with_seq_idx_convolves_each_sequence_on_its_own():
+    from components.mixers.causal_conv import causal_conv1d
+
+    x, w, b = torch.randn(2, 6, 37), torch.randn(6, 4), torch.randn(6)
+    seq_idx = packed_ids(ROWS)
+    want = kp.conv_ref(x, w, b, seq_idx, True)
+    assert (causal_conv1d(x, w, b, seq_idx=seq_idx) - want).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="cannot be combined"):
+        causal_conv1d(x, w, b, prefix=torch.zeros(2, 6, 3), seq_idx=seq_idx)
 
 
-def stub_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    # state [B, H, P, N]; x, dt [B, H, P]; A [H, P, N]; B, C [B, G, N]; D, dt_bias [H, P]
-    heads_per_group = x.shape[1] // B.shape[1]
-    B, C = B.repeat_interleave(heads_per_group, 1), C.repeat_interleave(heads_per_group, 1)
-    dt = F.softplus(dt + dt_bias) if dt_softplus else dt + dt_bias
-    state.copy_(state * torch.exp(dt.unsqueeze(-1) * A) + (dt * x).unsqueeze(-1) * B.unsqueeze(2))
-    return (state * C.unsqueeze(2)).sum(-1) + D * x
-
-
-STUBS = SimpleNamespace(
-    mamba_chunk_scan_combined=stub_chunk_scan,
-    causal_conv1d_fn=stub_conv_fn,
-    causal_conv1d_update=stub_conv_update,
-    selective_state_update=stub_state_update,
-)
+@pytest.mark.parametrize("chunk", [1, 8, 16, 64])
+def test_ssd_chunked_with_seq_idx_restarts_the_state_at_each_sequence(chunk):
+    """Against a per-step scan that zeroes the state where seq_idx changes (mamba_chunk_scan_combined's
+    semantics: the initial state feeds sequence 0, the final state is the last sequence's)."""
+    torch.manual_seed(0)
+    Bsz, L, H, P, G, N = 2, 37, 4, 8, 2, 16
+    x, dt = torch.randn(Bsz, L, H, P), torch.randn(Bsz, L, H)
+    A, B, C = -torch.rand(H) * 4 - 0.5, torch.randn(Bsz, L, G, N) / 4, torch.randn(Bsz, L, G, N) / 4
+    D, bias, h0 = torch.randn(H), torch.randn(H), torch.randn(Bsz, H, P, N)
+    seq_idx = packed_ids(ROWS)
+    inputs = [x, dt, A, B, C, D, bias, h0]
+    results = []
+    for name in ("ours", "ref"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        xx, dd, AA, BB, CC, DD, bb, hh = leaves
+        if name == "ours":
+            y, last = ssd_chunked(
+                xx,
+                dd,
+                AA,
+                BB,
+                CC,
+                DD,
+                bb,
+                True,
+                hh,
+                return_final_state=True,
+                chunk_size=chunk,
+                seq_idx=seq_idx,
+            )
+        else:
+            y, last = kp.ssd_ref_seq(xx, dd, AA, BB, CC, DD, None, bb, hh, seq_idx, True)
+        (y.sin().sum() + (last * 0.5).sum()).backward()
+        results.append([y, last] + [t.grad for t in leaves])
+    for ours, ref in zip(*results):
+        assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # row 1 starts with a 1-token sequence 0: the initial state reaches position 0 only
+    plain = ssd_ref(x[1:, 1:], dt[1:, 1:], A, B[1:, 1:], C[1:, 1:], D, bias, True)
+    assert (results[0][0][1:, 1:31] - plain[:, :30]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("config", ["default", "groups+hdimD+mlp"])
-def test_kernel_path_computes_the_torch_path_s_math(monkeypatch, config):
+def test_packed_forward_equals_separate_forwards(config):
     m = make(**CONFIGS[config])
-    x = torch.randn(BATCH, LENGTH, D_MODEL)
+    lengths = [9, 20, 8]
+    parts = [torch.randn(1, n, D_MODEL) for n in lengths]
+    packed = torch.cat(parts, 1).requires_grad_()
+    out = m(packed, seq_idx=packed_ids([lengths]))
+    (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    separate = torch.cat([m(p) for p in parts], 1)
+    (separate * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+    assert (out - separate).abs().max() <= 1e-5
+    for n, p in m.named_parameters():
+        assert (packed_grads[n] - p.grad).abs().max() <= 1e-4, n
+    with pytest.raises(ValueError, match="decoding state"):
+        m(packed, m.allocate_cache(1, 37), seq_idx=packed_ids([lengths]))
+    with pytest.raises(ValueError, match="seq_idx must be integers"):
+        m(packed, seq_idx=packed_ids([lengths]).float())
+
+
+# --- the CUDA path's plumbing on CPU: strict stand-ins (kernel_parity.py) with upstream's signatures and checks --
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Route CPU tensors as if they were on CUDA, with the stand-ins as the probe's result; returns a setter."""
+    monkeypatch.setattr(mixer_kernels, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(mixer_kernels, "_LOGGED", set())
+    kp.conv_layouts.clear()
+    kp.fused_calls.clear()
+
+    def use(kernels=None, missing=""):
+        kernels = kp.stand_in_kernels("mamba2") if kernels is None and not missing else kernels
+        monkeypatch.setattr(mamba2_module, "mamba2_kernels", lambda: (kernels, missing))
+        return kernels
+
+    return use
+
+
+KERNEL_CONFIGS = {  # name: (d_model, mixer kwargs, fused?, conv layout of the unfused path)
+    # in_proj width 2*64 + 32 + 8 = 168, conv channels 96, xBC at 64: upstream's fused path, channel-last conv
+    "fused": (32, dict(d_state=16, headdim=8), True, None),
+    "fused-groups+hdimD+mlp": (
+        40,
+        dict(d_state=8, headdim=8, ngroups=2, D_has_hdim=True, d_ssm=64),
+        True,
+        None,
+    ),
+    "fused-no-norm": (32, dict(d_state=16, headdim=8, rmsnorm=False), True, None),
+    "fused-norm-before-gate": (32, dict(d_state=16, headdim=8, norm_before_gate=True), True, None),
+    # in_proj width 164: the fused function would hand causal_conv1d a channel-first copy (2.2.5) or keep a
+    # view with misaligned strides (2.3): not taken; the conv gets a channel-first copy
+    "unaligned": (32, dict(CONFIGS["default"]), False, "channel-first"),
+    "unaligned-groups+hdimD+mlp": (32, dict(CONFIGS["groups+hdimD+mlp"]), False, "channel-first"),
+}
+
+
+def forward_and_grads(m, x, **kwargs):
+    m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = m(x, **kwargs)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return {"out": out.detach(), "x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+
+@pytest.mark.parametrize("config", list(KERNEL_CONFIGS))
+def test_kernel_path_passes_upstream_checks_and_computes_the_torch_path_s_math(fake_cuda, config):
+    d_model, kwargs, fused, layout = KERNEL_CONFIGS[config]
+    m = make(d_model, **kwargs)
+    assert (m.fused_layout == "") is fused, m.fused_layout
+    x = torch.randn(BATCH, LENGTH, d_model)
+    want = forward_and_grads(m, x)
     with torch.no_grad():
-        torch_full = m(x)
-        monkeypatch.setattr(mamba2_module, "select_kernels", lambda *a: STUBS)
-        kernel_full = m(x)
+        state_ref = m.allocate_cache(BATCH, LENGTH)
+        torch_steps = [m(x[:, :20], state_ref), m(x[:, 20:25], state_ref)]
+        torch_steps += [m(x[:, t : t + 1], state_ref) for t in range(25, LENGTH)]
+    fake_cuda()
+    m.use_kernels = "auto"
+    got = forward_and_grads(m, x)
+    assert kp.fused_calls == (["channel-last"] if fused else [])
+    assert kp.conv_layouts == ([] if fused else [layout])
+    for name in want:
+        assert (got[name] - want[name]).abs().max() <= 1e-4, name
+    with torch.no_grad():  # prefill: causal_conv1d_fn + mamba_chunk_scan_combined; then the one-token kernels
         state = m.allocate_cache(BATCH, LENGTH)
         outs = [m(x[:, :20], state), m(x[:, 20:25], state)] + [
             m(x[:, t : t + 1], state) for t in range(25, LENGTH)
         ]
-    assert (kernel_full - torch_full).abs().max() <= 1e-4
-    assert (torch.cat(outs, dim=1) - torch_full).abs().max() <= 1e-4
+    assert (torch.cat(outs, 1) - torch.cat(torch_steps, 1)).abs().max() <= 1e-4
+    assert (state.ssm_state - state_ref.ssm_state).abs().max() <= 1e-4
+    assert torch.equal(state.conv_state, state_ref.conv_state)
+
+
+@pytest.mark.parametrize("config", ["fused", "unaligned"])
+def test_kernel_path_with_seq_idx_equals_the_torch_path(fake_cuda, config):
+    d_model, kwargs, fused, _ = KERNEL_CONFIGS[config]
+    m = make(d_model, **kwargs)
+    x, seq_idx = torch.randn(2, LENGTH, d_model), packed_ids(ROWS)
+    want = forward_and_grads(m, x, seq_idx=seq_idx)
+    fake_cuda()
+    m.use_kernels = "auto"
+    got = forward_and_grads(m, x, seq_idx=seq_idx)  # seq_idx needs the channel-last conv: a copy if need be
+    assert kp.fused_calls == (["channel-last"] if fused else [])
+    assert kp.conv_layouts == ([] if fused else ["channel-last"])
+    for name in want:
+        assert (got[name] - want[name]).abs().max() <= 1e-4, name
+
+
+def test_seq_idx_with_conv_channels_the_kernel_cannot_take(fake_cuda, caplog):
+    """conv channels 68 (d_state 2): causal_conv1d's seq_idx needs the channel-last kernel, which needs % 8."""
+    m = make(**dict(CONFIGS["default"], d_state=2))
+    assert m.conv_dim == 68
+    fake_cuda()
+    x, seq_idx = torch.randn(2, LENGTH, D_MODEL), packed_ids(ROWS)
+    m.use_kernels = "auto"
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="chimera"):
+        got = m(x, seq_idx=seq_idx)
+        assert kp.conv_layouts == [] and kp.fused_calls == []  # the PyTorch path
+        m(x)  # without seq_idx the kernels take it (channel-first copy)
+    assert kp.conv_layouts == ["channel-first"]
+    assert any("seq_idx needs conv channels % 8 == 0 (got 68)" in r.getMessage() for r in caplog.records)
+    m.use_kernels = "never"
+    with torch.no_grad():
+        assert (got - m(x, seq_idx=seq_idx)).abs().max() <= 1e-5
+    m.use_kernels = "always"
+    with pytest.raises(ChimeraError, match="seq_idx needs conv channels"):
+        m(x, seq_idx=seq_idx)
+
+
+def test_fused_function_refuses_what_fused_layout_excludes():
+    """in_proj width 136 (a multiple of 8) but conv channels 68: the fused function would keep the channel-last
+    view and causal_conv1d would refuse it, so the mixer must not take that path."""
+    m = make(**dict(CONFIGS["default"], d_state=2))
+    assert "conv channels 68" in m.fused_layout and m.in_proj.out_features == 136
+    with pytest.raises(kp.KernelCheck, match="multiple of 8"), torch.no_grad():
+        kp.mamba_split_conv1d_scan_combined(
+            m.in_proj(torch.randn(1, 9, D_MODEL)), m.conv1d.weight.squeeze(1), m.conv1d.bias, m.dt_bias,
+            -torch.exp(m.A_log), m.D, m.chunk_size, headdim=m.headdim,
+        )  # fmt: skip
+
+
+def test_unusable_fused_function_falls_back_and_says_why(fake_cuda, caplog):
+    why = (
+        "mamba_split_conv1d_scan_combined cannot run: mamba-ssm 2.2.5 calls causal_conv1d.cpp_functions, ..."
+    )
+    d_model, kwargs, _, _ = KERNEL_CONFIGS["fused"]
+    m = make(d_model, **kwargs)
+    x = torch.randn(BATCH, LENGTH, d_model)
+    with torch.no_grad():
+        want = m(x)
+        fake_cuda(kp.stand_in_kernels("mamba2", mamba_split_conv1d_scan_combined=None, fused_reason=why))
+        m.use_kernels = "auto"
+        with caplog.at_level(logging.INFO, logger="chimera"):
+            got = m(x)
+            m(x)
+    assert kp.conv_layouts == ["channel-last", "channel-last"]  # the aligned view, passed as is
+    assert (got - want).abs().max() <= 1e-4
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"mamba2 mixer: using the causal_conv1d_fn + mamba_chunk_scan_combined path: {why}"]
+
+
+@pytest.mark.parametrize("config", ["fused", "unaligned-groups+hdimD+mlp"])
+def test_decoding_under_bf16_autocast_with_fp32_weights_casts_for_causal_conv1d_update(fake_cuda, config):
+    d_model, kwargs, _, _ = KERNEL_CONFIGS[config]
+    m = make(d_model, **kwargs)
+    x = torch.randn(BATCH, 12, d_model)
+    with torch.no_grad():
+        want = m(x)
+        fake_cuda()
+        m.use_kernels = "auto"
+        state = m.allocate_cache(BATCH, 12)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [m(x[:, :5], state)] + [m(x[:, t : t + 1], state) for t in range(5, 12)]
+    assert outs[-1].dtype == torch.bfloat16 and state.conv_state.dtype == torch.float32
+    got = torch.cat(outs, 1).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_conv_width_the_kernels_refuse_falls_back_under_auto_and_fails_under_always(fake_cuda, caplog):
+    def refuse(*args, **kw):
+        raise AssertionError("no kernel may be called for sizes it refuses")
+
+    fake_cuda(SimpleNamespace(**{n: refuse for n in vars(kp.stand_in_kernels("mamba2"))}))
+    with pytest.raises(ChimeraError, match="d_conv=5 is outside causal_conv1d's conv widths 2-4"):
+        Mamba2(D_MODEL, d_state=16, headdim=8, d_conv=5, use_kernels="always")
+    m = make(d_state=16, headdim=8, d_conv=5)
+    m.use_kernels = "auto"
+    x = torch.randn(1, 9, D_MODEL)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="chimera"):
+        got = m(x)
+        m.use_kernels = "never"
+        assert torch.equal(got, m(x))
+    assert any("d_conv=5" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+# --- the probe, against fake installs of mamba-ssm / causal-conv1d ----------------------------------------------
+
+
+@pytest.fixture
+def fresh_probe():
+    mixer_kernels.mamba2_kernels.cache_clear()
+    yield
+    mixer_kernels.mamba2_kernels.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "mamba,conv,backend,why",
+    [
+        ("2.2.6.post3", "1.5.4", {"causal_conv1d_fwd_function": object()}, ""),
+        ("2.2.5", "1.5.0.post8", {"causal_conv1d_fwd_function": None}, r"lacks \(added in 1\.5\.1\)"),
+        ("2.2.4", "1.5.1", {"causal_conv1d_cuda": object()}, r"pip install 'mamba-ssm>=2\.2\.5'"),
+    ],
+)
+def test_probe_checks_what_the_fused_function_will_call(monkeypatch, fresh_probe, mamba, conv, backend, why):
+    ssd = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+    ssd.mamba_chunk_scan_combined = kp.mamba_chunk_scan_combined
+    ssd.mamba_split_conv1d_scan_combined = kp.mamba_split_conv1d_scan_combined
+    for name, value in backend.items():
+        setattr(ssd, name, value)
+    conv_mod = types.ModuleType("causal_conv1d")
+    conv_mod.causal_conv1d_fn, conv_mod.causal_conv1d_update = kp.causal_conv1d_fn, kp.causal_conv1d_update
+    monkeypatch.setitem(sys.modules, ssd.__name__, ssd)
+    monkeypatch.setitem(sys.modules, "causal_conv1d", conv_mod)
+    monkeypatch.setattr(mixer_kernels, "installed_version", {"mamba-ssm": mamba, "causal-conv1d": conv}.get)
+    kernels, missing = mixer_kernels.mamba2_kernels()
+    assert missing == "" and kernels.mamba_chunk_scan_combined is kp.mamba_chunk_scan_combined
+    assert kernels.causal_conv1d_fn is kp.causal_conv1d_fn  # the separate conv works with any pair
+    if why:
+        assert kernels.mamba_split_conv1d_scan_combined is None
+        assert re.search(why, kernels.fused_reason), kernels.fused_reason
+    else:
+        assert kernels.mamba_split_conv1d_scan_combined is kp.mamba_split_conv1d_scan_combined
+        assert kernels.fused_reason == ""
 
 
 # --- the real CUDA kernels against the PyTorch path (skipped, with the reason, without CUDA or mamba_ssm) ------
 
-KERNEL_CASES = {  # name: (d_model, mixer kwargs, length)
-    "default": (D_MODEL, dict(CONFIGS["default"]), LENGTH),  # 4 heads, one partial chunk of 256
-    "5heads-chunk32": (40, dict(d_state=16, headdim=16, chunk_size=32), 100),  # L not a multiple of the chunk
-    "groups+hdimD+mlp": (D_MODEL, dict(CONFIGS["groups+hdimD+mlp"], chunk_size=32), LENGTH),  # 6 heads
+KERNEL_CASES = {  # name: (d_model, mixer kwargs, length, fused?)
+    "unaligned": (D_MODEL, dict(CONFIGS["default"]), LENGTH, False),  # 4 heads, one partial chunk of 256
+    "5heads-chunk32": (40, dict(d_state=16, headdim=16, chunk_size=32), 100, False),  # L not a chunk multiple
+    "groups+hdimD+mlp": (D_MODEL, dict(CONFIGS["groups+hdimD+mlp"], chunk_size=32), LENGTH, False),  # 6 heads
+    "fused-chunk32": (32, dict(d_state=16, headdim=8, chunk_size=32), 100, True),
+    "fused-groups+hdimD+mlp": (
+        40,
+        dict(KERNEL_CONFIGS["fused-groups+hdimD+mlp"][1], chunk_size=16),
+        77,
+        True,
+    ),
+    "fused-no-norm": (32, dict(d_state=16, headdim=8, rmsnorm=False), LENGTH, True),
+    "fused-norm-before-gate": (32, dict(d_state=16, headdim=8, norm_before_gate=True), LENGTH, True),
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
-def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype):
+def test_cuda_kernels_match_the_torch_path_outputs_and_gradients(case, dtype, monkeypatch):
     skip_without_kernels(mamba2_kernels)
-    d_model, kwargs, length = KERNEL_CASES[case]
+    d_model, kwargs, length, fused = KERNEL_CASES[case]
+    kernels = mamba2_kernels()[0]
+    assert kernels.mamba_split_conv1d_scan_combined is not None, kernels.fused_reason
+    calls = kp.count_calls(kernels, "mamba_split_conv1d_scan_combined", monkeypatch)
     ref = make(d_model, **kwargs)
     kernel_mixer = make(d_model, use_kernels="always", **kwargs)
     assert_kernel_path_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), dtype)
+    assert (calls[0] > 0) is fused
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["5heads-chunk32", "groups+hdimD+mlp"])
+@pytest.mark.parametrize("case", ["5heads-chunk32", "groups+hdimD+mlp", "fused-chunk32"])
 def test_cuda_kernel_decoding_matches_the_torch_forward(case):
     """Prefill (causal_conv1d_fn + mamba_chunk_scan_combined), a continuation from the state, then
     causal_conv1d_update and selective_state_update one token at a time."""
     skip_without_kernels(mamba2_kernels)
-    d_model, kwargs, length = KERNEL_CASES[case]
+    d_model, kwargs, length, _ = KERNEL_CASES[case]
     ref = make(d_model, **kwargs)
     kernel_mixer = make(d_model, use_kernels="always", **kwargs)
     assert_kernel_decoding_matches(ref, kernel_mixer, torch.randn(BATCH, length, d_model), split=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fused-chunk32", "5heads-chunk32"])
+def test_cuda_kernels_with_seq_idx_match_the_torch_path(case):
+    """Packed sequences through the fused function or causal_conv1d_fn + mamba_chunk_scan_combined (fp32)."""
+    skip_without_kernels(mamba2_kernels)
+    d_model, kwargs, length, _ = KERNEL_CASES[case]
+    ref = make(d_model, **kwargs)
+    kernel_mixer = make(d_model, use_kernels="always", **kwargs).cuda()
+    kernel_mixer.load_state_dict(ref.state_dict())
+    lengths = [[length // 3, 1, length - length // 3 - 1], [length - 40, 40]]
+    x, seq_idx = torch.randn(2, length, d_model), packed_ids(lengths)
+    want = forward_and_grads(ref, x, seq_idx=seq_idx)
+    kernel_mixer.zero_grad(set_to_none=True)
+    xc = x.cuda().requires_grad_()
+    out = kernel_mixer(xc, seq_idx=seq_idx.cuda())
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()).sum().backward()
+    got = {"out": out, "x": xc.grad, **{n: p.grad for n, p in kernel_mixer.named_parameters()}}
+    for name, value in want.items():
+        err = (got[name].float().cpu() - value).abs().max().item()
+        assert err <= 5e-4 * value.abs().max().item() + 1e-6, (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fused-chunk32", "groups+hdimD+mlp"])
+def test_cuda_kernel_decoding_under_bf16_autocast_with_fp32_weights(case):
+    skip_without_kernels(mamba2_kernels)
+    d_model, kwargs, _, _ = KERNEL_CASES[case]
+    ref = make(d_model, **kwargs)
+    kernel_mixer = make(d_model, use_kernels="always", **kwargs).cuda()
+    kernel_mixer.load_state_dict(ref.state_dict())
+    x = torch.randn(BATCH, 40, d_model)
+    with torch.no_grad():
+        want = ref(x)
+        state = kernel_mixer.allocate_cache(BATCH, 40)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            xc = x.cuda()
+            outs = [kernel_mixer(xc[:, :20], state)] + [
+                kernel_mixer(xc[:, t : t + 1], state) for t in range(20, 40)
+            ]
+    got = torch.cat(outs, 1).float().cpu()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_conv_width_the_kernels_refuse_runs_the_torch_path_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ref = make(d_state=16, headdim=8, d_conv=5)
+    gpu = make(d_state=16, headdim=8, d_conv=5, use_kernels="auto").cuda()
+    gpu.load_state_dict(ref.state_dict())
+    x = torch.randn(BATCH, LENGTH, D_MODEL)
+    with torch.no_grad():
+        assert (gpu(x.cuda()).cpu() - ref(x)).abs().max() <= 1e-3
