@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from toolkit.errors import ChimeraError
 from toolkit.model import MultimodalModel
 
 
@@ -20,7 +21,12 @@ def build_tokenizer(cfg: Any) -> Any:
 
     words: list[str] = []
     templates: list[Any] = []
-    if cfg.data.get("tokenizer") is None:
+    path = cfg.data.get("tokenizer")
+    decoder = _plain(cfg.model.get("decoder"))
+    init = decoder.get("init") if isinstance(decoder, dict) else None
+    if path is None and isinstance(init, dict) and init.get("hf"):
+        path = init["hf"]  # a decoder from a Hugging Face model brings its tokenizer
+    if path is None:
         sources = [("", cfg)] + [
             (f"stages[{i}].", stage_config(cfg, s)) for i, s in enumerate(cfg.get("stages") or [])
         ]
@@ -30,9 +36,7 @@ def build_tokenizer(cfg: Any) -> Any:
                 node = c.data.get(split)
                 if node is not None:
                     words += dataset_vocabulary(node, f"{prefix}data.{split}")
-    return load_tokenizer(
-        cfg.data.get("tokenizer"), words, template=templates or _plain(cfg.data.get("template"))
-    )
+    return load_tokenizer(path, words, template=templates or _plain(cfg.data.get("template")))
 
 
 def _plain(node: Any) -> Any:
@@ -41,18 +45,45 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_model(cfg: Any, tokenizer: Any) -> MultimodalModel:
-    """The four parts from ``cfg.model``; the decoder's vocabulary defaults to the tokenizer's size."""
+def build_model(cfg: Any, tokenizer: Any, *, init: str = "eager") -> MultimodalModel:
+    """The four parts from ``cfg.model``; the decoder's vocabulary defaults to the tokenizer's size.
+
+    ``init="meta"`` (``strategy.init: meta``): the pooler, connector and decoder are built on the meta device
+    (shapes only, no memory; ``toolkit.init`` materialises them later, shard by shard), the encoder for real:
+    it carries its own weights (``checkpoint_path``, ``pretrained``) and is the first part built, so it gets
+    exactly the eager build's tensors.
+    """
+    import torch
     from omegaconf import OmegaConf
 
     from toolkit.data import image_token_id
     from toolkit.model import build_model as compose
 
-    return compose(
-        OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=len(tokenizer),
-        image_token_id=image_token_id(tokenizer),
-    )
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    if init == "eager":
+        return compose(node, vocab_size=len(tokenizer), image_token_id=image_token_id(tokenizer))
+    if init != "meta":
+        raise ChimeraError(f"strategy.init: '{init}' is not one of eager, meta", key="strategy.init")
+    from toolkit.registry import build
+
+    late = [
+        p for p in ("pooler", "connector", "decoder") if isinstance(node[p], dict) and node[p].get("init")
+    ]
+    if late or node.get("init"):
+        raise ChimeraError(
+            f"strategy.init: meta does not load pretrained `init:` weights into "
+            f"{', '.join(f'model.{p}' for p in late) or 'model'} yet (only the encoder's); use strategy.init: eager",
+            key="strategy.init",
+        )
+    with torch.device("meta"):  # draws no random numbers: the CPU generator is untouched
+        model = compose(node, vocab_size=len(tokenizer), image_token_id=image_token_id(tokenizer))
+    from toolkit.convert import load_part_init, prepare_node
+
+    encoder_node, encoder_init = prepare_node("encoder", node["encoder"], "model.encoder")
+    model.encoder = build("encoder", encoder_node, "model.encoder")
+    if encoder_init is not None:
+        load_part_init(model, "encoder", encoder_init)
+    return model
 
 
 def build_datamodule(cfg: Any, tokenizer: Any, model: MultimodalModel) -> Any:
@@ -77,7 +108,7 @@ def build_datamodule(cfg: Any, tokenizer: Any, model: MultimodalModel) -> Any:
     )
 
 
-def build_parts(cfg: Any, tokenizer: Any) -> tuple[MultimodalModel, Any]:
-    """(model, datamodule) for one stage's config."""
-    model = build_model(cfg, tokenizer)
+def build_parts(cfg: Any, tokenizer: Any, *, init: str = "eager") -> tuple[MultimodalModel, Any]:
+    """(model, datamodule) for one stage's config (``init``: see ``build_model``)."""
+    model = build_model(cfg, tokenizer, init=init)
     return model, build_datamodule(cfg, tokenizer, model)

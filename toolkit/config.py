@@ -78,10 +78,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "strategy": {
         "name": "auto",  # auto | ddp | fsdp
-        "activation_checkpointing": False,
+        "activation_checkpointing": False,  # true | false | [layer kinds: attention, mamba, encoder, ...]
         "checkpoint_format": "sharded",  # fsdp only: sharded (DCP) | full
-        "reshard_after_forward": True,
+        "reshard_after_forward": True,  # true | false | auto
         "find_unused_parameters": False,  # ddp only
+        "init": "eager",  # eager | meta (build on meta, shard, each rank initialises only its shard)
+        "frozen_dtype": None,  # keep frozen parts in this dtype: null | bf16 | fp16 | fp32
+        "shard_frozen": True,  # fsdp: shard frozen parts too (false: a whole copy on every rank)
+        "part_precision": {},  # fsdp: {part: 32-true | bf16-mixed | 16-mixed} per-part mixed precision
     },
     "checkpoint": {"every_n_steps": 100, "save_last": True, "keep": 2},
     "perf": {
@@ -211,9 +215,29 @@ RULES: dict[str, Rule] = {
     "trainer.enable_progress_bar": _BOOL,
     "trainer.num_sanity_val_steps": _int(-1),
     "strategy.name": _choice("auto", "ddp", "fsdp"),
-    "strategy.activation_checkpointing": _BOOL,
+    "strategy.activation_checkpointing": Rule(
+        "true, false or a list of layer kinds (encoder, decoder, attention, mamba, mamba2, mlp, moe, or a "
+        "plugin mixer/ffn name)",
+        lambda v: isinstance(v, bool) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ),
     "strategy.checkpoint_format": _choice("sharded", "full"),
-    "strategy.reshard_after_forward": _BOOL,
+    "strategy.reshard_after_forward": Rule(
+        "true, false or auto", lambda v: isinstance(v, bool) or v == "auto"
+    ),
+    "strategy.init": _choice("eager", "meta"),
+    "strategy.frozen_dtype": _optional(_choice("bf16", "fp16", "fp32")),
+    "strategy.shard_frozen": _BOOL,
+    "strategy.part_precision": Rule(
+        "a mapping of parts (encoder, pooler, connector, decoder) to 32-true, bf16-mixed or 16-mixed",
+        lambda v: (
+            isinstance(v, Mapping)
+            and all(
+                k in ("encoder", "pooler", "connector", "decoder")
+                and x in ("32-true", "bf16-mixed", "16-mixed")
+                for k, x in v.items()
+            )
+        ),
+    ),
     "strategy.find_unused_parameters": _BOOL,
     "checkpoint.every_n_steps": _int(1),
     "checkpoint.save_last": _BOOL,

@@ -100,7 +100,7 @@ class ChimeraModule(pl.LightningModule):
         *,
         optim: dict[str, Any],
         max_steps: int,
-        shard: Callable[[nn.Module, Any], None] | None = None,
+        shard: Callable[..., None] | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -119,7 +119,9 @@ class ChimeraModule(pl.LightningModule):
         self._peak_tflops = ((config or {}).get("perf") or {}).get("peak_tflops")
         self.step_counts: StepCounts | None = None  # the last optimizer step's counts, all ranks
         self.truncated_total = 0.0  # samples cut at data.max_length since this fit started, all ranks
-        self.skipped_total = 0.0  # bad records skipped (on_bad_sample: skip) since this fit started, all ranks
+        self.skipped_total = (
+            0.0  # bad records skipped (on_bad_sample: skip) since this fit started, all ranks
+        )
         self._window: Tensor | None = None  # this rank's StepCounts (as a tensor) over the current step
         self._unlogged: StepCounts | None = None  # counts of a step whose train/* are not yet logged
         self._params: list[nn.Parameter] | None = None  # the trainable parameters, once sharded
@@ -131,9 +133,13 @@ class ChimeraModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
-        """FSDP2: shard the wrap units then the root (called by Lightning on every rank)."""
+        """FSDP2: shard the wrap units then the root (called by Lightning on every rank, before it moves the
+        model to the device); a model built on the meta device (``strategy.init: meta``) is then materialised
+        shard by shard on the training device (``toolkit.strategies.fsdp2_sharder``)."""
         if self._shard is not None:
-            self._shard(self.model, getattr(self, "device_mesh", None))
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            device = getattr(strategy, "root_device", None)
+            self._shard(self.model, getattr(self, "device_mesh", None), device)
             self._shard = None
 
     def forward(self, batch: dict[str, Any]) -> Tensor:

@@ -317,21 +317,33 @@ def _fit_stage(plan, stage, tags, run_id, init_from, resume, on_run_id, stop) ->
     from toolkit.assemble import build_parts
     from toolkit.checkpointing import FINAL_WEIGHTS, export_weights, load_weights
     from toolkit.module import ChimeraModule
-    from toolkit.strategies import apply_activation_checkpointing, make_strategy
+    from toolkit.strategies import (
+        apply_activation_checkpointing,
+        check_memory_policy,
+        keep_frozen,
+        make_strategy,
+    )
     from toolkit.trainer import make_trainer
 
     cfg, zero = stage.cfg, is_global_zero()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    model, datamodule = build_parts(cfg, plan.tokenizer)
-    if init_from is not None:
+    policy = check_memory_policy(cfg.strategy)
+    meta = policy["init"] == "meta"
+    model, datamodule = build_parts(cfg, plan.tokenizer, init=policy["init"])
+    strategy, shard = make_strategy(cfg.strategy, cfg.trainer, seed=int(cfg.seed), init_from=init_from)
+    if meta and shard is None:  # nothing shards it: every rank materialises the whole model here
+        from toolkit.init import materialize
+
+        materialize(model, "cpu", seed=int(cfg.seed))
+    if init_from is not None and not (meta and shard is not None):  # else the sharder loads the shards
         load_weights(model, init_from)
-    strategy, shard = make_strategy(cfg.strategy, cfg.trainer)
-    if cfg.strategy.get("activation_checkpointing"):
-        apply_activation_checkpointing(model)
+    if policy["activation_checkpointing"]:
+        apply_activation_checkpointing(model, policy["activation_checkpointing"])
     config = OmegaConf.to_container(cfg, resolve=True)
     module = ChimeraModule(
         model, optim=config["optim"], max_steps=int(cfg.trainer.max_steps), shard=shard, config=config
     )
+    keep_frozen(model, policy["frozen_dtype"])  # once the trainable set is final
     ckpt_path = None
     if resume:
         ckpt_path = _resume_checkpoint(stage.run_dir / "checkpoints", zero)

@@ -4,6 +4,8 @@ One subprocess (``strategies_script.py`` under torchrun, the multi-node launcher
 the tiny hybrid 6 steps with DDP (also with 2 accumulated micro-batches), with FSDP2 + full checkpoints +
 activation checkpointing, with FSDP2 + sharded checkpoints for 3 steps then ``resume`` to 6, and with FSDP2
 in bf16-mixed. This process trains the single-device reference.
+Two more torchrun processes, started as two nodes of one process each (``--nnodes=2 --node-rank=R`` over
+127.0.0.1), train it with DDP through the CLI, as a multi-node job would.
 
 Tolerances: per-step ``train/loss`` within 2e-5 relative of the single process (measured: ~1e-7; fp32
 reductions in another order). The data mixes 1-word and 3-word answers, so ranks hold different numbers of
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +162,74 @@ def test_consolidated_export_loads_in_one_process(runs):
     for name, value in model.state_dict().items():
         if name in gathered:
             assert torch.equal(value, gathered[name]), name
+
+
+# --------------------------------------------------------------------------------------------- multi-node
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def multinode(runs):
+    """Two "nodes" of one process each on this machine: two torchrun launchers with ``--nnodes=2`` and their
+    own ``--node-rank``, meeting at 127.0.0.1 (loopback only), each running ``chimera train`` through
+    ``-m toolkit.cli`` exactly as on a cluster, with ``trainer.num_nodes=2 trainer.devices=1``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections stay on loopback too
+    port = _free_port()
+    overrides = [
+        "name=multinode",
+        "strategy.name=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "data.batch_size=4",  # per rank: global batch 8 = the single-process run's
+    ]
+
+    def launch(node_rank: int) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={node_rank}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            "toolkit.cli",
+            "train",
+            runs["config"],
+            *overrides,
+        ]
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+        )
+
+    nodes = [launch(0), launch(1)]
+    deadline, outputs = time.monotonic() + 420, []
+    try:
+        for proc in nodes:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outputs.append(out)
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, out) in enumerate(zip(nodes, outputs)):
+        assert proc.returncode == 0, f"node {rank}:\n{out[-6000:]}"
+    state = json.loads((Path(runs["config"]).parent / "runs" / "multinode" / "run.json").read_text())
+    return {"run_id": state["run_id"], "outputs": outputs}
+
+
+def test_two_nodes_of_one_process_match_one_process_on_the_same_global_batch(runs, multinode):
+    reference = _losses(runs["uri"], runs["single"]["run_id"])
+    losses = _losses(runs["uri"], multinode["run_id"])
+    assert sorted(losses) == sorted(reference)
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, rel=2e-5), step
+    assert f"MLflow run id {multinode['run_id']}" in multinode["outputs"][0]  # rank 0 (node 0) reports
+    assert "MLflow run id" not in multinode["outputs"][1]
