@@ -43,7 +43,9 @@ def _commands() -> list[tuple[str, list[str]]]:
     found = []
     for name, line, block in _blocks("bash"):
         for i, raw in enumerate(block.splitlines()):
-            cmd = raw.split(" #")[0].strip()
+            cmd = re.split(r"\s(?:>|\||&&|;)\s", raw.split(" #")[0])[
+                0
+            ].strip()  # a redirect or a pipe ends it
             if "chimera " not in cmd and "toolkit.cli" not in cmd:
                 continue
             words = shlex.split(cmd)
@@ -66,10 +68,15 @@ COMMANDS = _commands()
 def test_documented_command_runs(where, args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     parsed = parser().parse_args(args)  # every documented command parses
-    if parsed.command in ("describe", "components"):
+    if parsed.command in ("describe", "components", "plan"):
         assert main(args) == 0, capsys.readouterr().err
     elif parsed.command == "train" and isinstance(parsed.resume, str):
         assert parsed.config is None and not parsed.overrides  # --resume RUN takes the run's own config
+    elif parsed.command == "ablate":  # every run planned (no model built), its commands printed
+        from toolkit.ablation import run_ablation
+
+        overrides = [*parsed.overrides, f"output_dir={tmp_path}"]
+        assert run_ablation(parsed.file, overrides, dry_run=True, only=parsed.only, seeds=parsed.seeds) == 0
     elif parsed.command == "train":
         plan = load_plan(parsed.config, [*parsed.overrides, f"output_dir={tmp_path}"])
         if parsed.stage:
@@ -94,6 +101,15 @@ EXPERIMENTS = _experiments()
 def test_documented_yaml_plans(where, data, tmp_path):
     experiments = tmp_path / "experiments"
     shutil.copytree(ROOT / "experiments", experiments)
+    if {"variants", "grid"} & set(
+        data
+    ):  # an ablation file (docs/ablations.md): base: beside the shipped ones
+        from toolkit.ablation import check, load_ablation, make_jobs
+
+        path = experiments / "longllava" / "ablations" / "doc_example.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        check(make_jobs(load_ablation(path, [f"output_dir={tmp_path / 'runs'}"])))
+        return
     if set(data) <= MODEL_PARTS:
         data = {"model": data}
     if set(data) <= {"name", "model", "data", "optim", "trainer", "strategy", "checkpoint", "tracking"} and (

@@ -61,6 +61,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="encoder, pooler, connector, mixer, ffn, decoder or dataset")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "plan",
+        parents=[_COMMON],
+        help="memory per device (training and inference) and FLOPs per token, before renting hardware",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--devices", type=int, default=None, help="devices the run shards over (default: the config's)"
+    )
+    p.add_argument(
+        "--device-memory", default=None, help="memory per device, e.g. 80GB (10^9) or 80GiB (2^30)"
+    )
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.max_length)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per device (default: data.batch_size)"
+    )
+    p.add_argument(
+        "--images", type=int, default=None, help="images per sequence (default: fill the sequence)"
+    )
+    p.add_argument("--host-memory", default=None, help="host memory (default: this machine's available)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "ablate", parents=[_COMMON], help="run an ablation file: one training process per variant and seed"
+    )
+    p.add_argument("file", help="an ablation YAML (base experiment + variants or a grid)")
+    p.add_argument("overrides", nargs="*", help="ablation keys (base=, seeds=, ...) or training overrides")
+    p.add_argument("--dry-run", action="store_true", help="print one command per run (for a scheduler)")
+    p.add_argument("--only", action="append", metavar="VARIANT", help="run this variant only (repeatable)")
+    p.add_argument("--seeds", type=int, metavar="N", help="repeat every variant with N seeds")
+    p = sub.add_parser("table", parents=[_COMMON], help="an ablation's table, read back from MLflow")
+    p.add_argument("target", metavar="FILE_OR_NAME")
+    p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    p.add_argument("--metrics", nargs="+", metavar="KEY[:final|best|max|min]")
+    p.add_argument("--tracking-uri")
+    p = sub.add_parser("plot", parents=[_COMMON], help="an ablation's validation curves (PNG)")
+    p.add_argument("target", metavar="FILE_OR_NAME")
+    p.add_argument("--out", metavar="PNG")
+    p.add_argument("--metrics", nargs="+", metavar="KEY")
+    p.add_argument("--tracking-uri")
+
     p = sub.add_parser("data", parents=[_COMMON], help="datasets: export one in the LLaVA format")
     dsub = p.add_subparsers(dest="data", required=True)
     d = dsub.add_parser(
@@ -155,6 +196,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"chimera: MLflow run id {result.run_id} (experiment '{result.experiment}')")
     print(f"chimera: tracking store {result.tracking_uri}")
     print(f"chimera: look with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from toolkit.ablation import run_ablation
+
+    return run_ablation(args.file, args.overrides, dry_run=args.dry_run, only=args.only, seeds=args.seeds)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from toolkit.report import table
+
+    print(table(args.target, fmt=args.format, metrics=args.metrics, tracking_uri=args.tracking_uri))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from toolkit.report import plot
+
+    path = plot(args.target, out=args.out, metrics=args.metrics, tracking_uri=args.tracking_uri)
+    print(f"chimera: wrote {path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from toolkit.memory import estimate, format_plan
+    from toolkit.plan import load_plan
+
+    plan = estimate(
+        load_plan(args.config, args.overrides, check_model=False),
+        devices=args.devices,
+        device_memory=args.device_memory,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        images=args.images,
+        host_memory=args.host_memory,
+    )
+    print(plan.to_json() if args.json else format_plan(plan))
     return 0
 
 
@@ -315,6 +394,10 @@ def _encoder_image_size(plan) -> int:
 COMMANDS = {
     "data": cmd_data,
     "export": cmd_export,
+    "ablate": cmd_ablate,
+    "table": cmd_table,
+    "plot": cmd_plot,
+    "plan": cmd_plan,
     "train": cmd_train,
     "describe": cmd_describe,
     "components": cmd_components,

@@ -85,6 +85,9 @@ def preflight(plan: Plan) -> None:
             f"output_dir: cannot write to {out} ({exc.strerror or exc}); set output_dir to a writable folder"
         ) from exc
     tracking.check_store(plan.tracking_uri)
+    from toolkit.memory import preflight as check_memory
+
+    check_memory(plan)  # a model that cannot fit fails now with the plan's numbers, not killed mid-build
 
 
 def _set_aside(run_dir: Path) -> None:

@@ -164,3 +164,19 @@ def test_offline_pretrained_weights_fail_at_once_with_what_to_do(tiny_experiment
     assert main(["train", str(tiny_experiment), override, "model.encoder.pretrained=true"]) == 2
     err = capsys.readouterr().err
     assert "not in the local cache" in err and "checkpoint_path" in err and "model.encoder" in err
+
+
+def test_training_the_9b_reference_on_a_24gb_host_exits_2_with_the_memory_it_needs(monkeypatch, capsys, tmp_path):
+    """The memory plan runs in the preflight: nothing of the model is allocated (the build is never reached)."""
+    from tests.conftest import ROOT
+    from toolkit import assemble, memory
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 24e9)
+    monkeypatch.setattr(assemble, "build_parts", no_build)
+    reference = str(ROOT / "experiments" / "longllava" / "reference.yaml")
+    assert main(["train", reference, "trainer.accelerator=cpu", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "24.00 GB available" in err and "needs about" in err and "activation_checkpointing" in err
