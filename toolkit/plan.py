@@ -85,7 +85,9 @@ class Plan:
 
     def command(self, *extra: str) -> str:
         """The ``chimera train`` command line that reproduces this plan (for messages)."""
-        return " ".join(["chimera train", str(self.config_path), *self.overrides, *extra])
+        import shlex
+
+        return "chimera train " + shlex.join([str(self.config_path), *self.overrides, *extra])
 
 
 def load_plan(config_path: str | Path, overrides: Sequence[str] = (), *, check_model: bool = True) -> Plan:

@@ -135,6 +135,7 @@ def _train(plan: Plan, only: str | None, resume: bool, zero: bool, stop: Any) ->
     if plan.staged and parent is None and zero:
         parent = tracking.start_parent_run(plan.cfg, run_name=_run_name(plan), tags=plan.tags)
         state.data["parent_run_id"] = parent
+    done = {s.name: bool(state.record(s).get("finished")) for s in plan.stages}  # before the flag is reset
     state.data["finished"] = False
     state.save()
 
@@ -148,7 +149,8 @@ def _train(plan: Plan, only: str | None, resume: bool, zero: bool, stop: Any) ->
                     break
                 previous = _finished_weights(record, stage)  # an earlier stage: its weights feed the next
                 continue
-            if resume and record.get("finished"):
+            if resume and done[stage.name]:
+                record["finished"] = True  # a one-stage plan's record is the top level, reset above
                 previous = _finished_weights(record, stage)
                 continue
             if stage.index > 0 and previous is None:
