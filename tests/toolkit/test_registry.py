@@ -156,3 +156,21 @@ def test_third_party_package_via_entry_point(tmp_path, tiny_experiment):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "4"  # 16 patch tokens, every 4th kept
+
+
+def test_a_renamed_component_still_resolves_under_its_old_name_with_a_warning():
+    @registry.register("connector", "_renamed_connector", aliases=("_old_connector_name",))
+    class Renamed:
+        def __init__(self, in_dim: int, out_dim: int):
+            pass
+
+        def forward(self, x):
+            return x
+
+    try:
+        with pytest.warns(UserWarning, match="'_old_connector_name' was renamed to '_renamed_connector'"):
+            entry = registry.get("connector", "_old_connector_name")
+        assert entry.target is Renamed
+    finally:
+        registry._REGISTRY["connector"].pop("_renamed_connector")
+        registry._ALIASES["connector"].pop("_old_connector_name")
