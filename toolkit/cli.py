@@ -154,6 +154,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--steps", type=int, default=20)
     b = bsub.add_parser(
+        "data",
+        parents=[_COMMON],
+        help="the data loader's samples/s beside the model's own training step rate",
+    )
+    _add_config_args(b)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--batches", type=int, default=30)
+    b.add_argument("--steps", type=int, default=10)
+    b = bsub.add_parser(
         "gpu",
         parents=[_COMMON],
         help="CUDA machine: kernel parity tests, FSDP2 bf16 training step, kernel timings (one JSON)",
@@ -312,6 +322,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         parts = args.only.split(",") if args.only else PARTS
         return gpu_command(as_json=args.json, out_json=args.out, parts=parts, quick=args.quick)
+    if args.bench == "data":
+        from toolkit.bench_data import bench_data, format_data
+
+        result = bench_data(
+            args.config, args.overrides, workers=args.workers, batches=args.batches, steps=args.steps
+        )
+        result["command"] = command
+        print(
+            json.dumps(result, indent=2)
+            if args.json
+            else f"{format_data(result)}\n\n(measured by: {command})"
+        )
+        return 0
     if args.bench == "mixers":
         from toolkit.bench import bench_mixers, format_mixers
 

@@ -457,6 +457,7 @@ class LlavaDataset(Dataset):
 
         frames = self._frames(video, where) if video is not None else []
         tensors: list[torch.Tensor] = []
+        groups: list[list[int]] = []  # which images are the frames of the video (the template's layout)
         next_image = iter(images)
         for t in turns:
             if t["from"] != HUMAN:
@@ -466,13 +467,16 @@ class LlavaDataset(Dataset):
                 if part == IMAGE:
                     tensors.append(self._decode(next(next_image), where))
                 elif part == VIDEO:
+                    start = len(tensors)
                     tensors.extend(self._decode(frame, where, "frame") for frame in frames)
+                    groups.append(list(range(start, len(tensors))))
                     parts[j] = " ".join([IMAGE] * len(frames))
             t["value"] = "".join(parts)
         return {
             "id": sid,
             "images": torch.stack(tensors) if tensors else None,  # [n, 3, S, S]
             "conversations": turns,
+            "frames": groups,  # [[i0, i1, ...]] per video; [] without one
         }
 
     # -- checks --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from toolkit.data.template import ChatTemplate, Message
+from toolkit.data.template import DEFAULT_LAYOUT, ChatTemplate, Message
 from toolkit.registry import register
 
 IM_START = "<|im_start|>"
@@ -34,12 +34,16 @@ class ChatML(ChatTemplate):
 
     Args:
         system: the system message; None writes no system turn (Qwen2's own template always writes one).
+        layout: how images and videos are written (``longllava``, ``llava`` or a mapping of markers).
     """
 
     name = "chatml"
     markup = (IM_START, IM_END)
 
-    def __init__(self, system: str | None = QWEN2_SYSTEM):
+    def __init__(
+        self, system: str | None = QWEN2_SYSTEM, layout: str | dict[str, str | None] | None = DEFAULT_LAYOUT
+    ):
+        super().__init__(layout)
         self.system = system or None
 
     def words(self) -> list[str]:

@@ -19,7 +19,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from toolkit.data.template import Encoded, conversation_messages, forbidden_markup
+from toolkit.data.template import (
+    DEFAULT_LAYOUT,
+    Encoded,
+    build_layout,
+    conversation_messages,
+    forbidden_markup,
+    set_layout,
+)
 from toolkit.errors import ChimeraError
 from toolkit.registry import register
 
@@ -34,12 +41,20 @@ class HFChatTemplate:
         chat_template: a Jinja template, or the path of a ``.jinja`` file, used instead of the tokenizer's.
         system: a system message put first in every conversation; None adds none (the template may still
             write its own default).
+        layout: how images and videos are written into the messages before the chat template renders them
+            (``longllava``, ``llava`` or a mapping of markers).
     """
 
     name = "hf"
     markup: tuple[str, ...] = ()
 
-    def __init__(self, chat_template: str | None = None, system: str | None = None):
+    def __init__(
+        self,
+        chat_template: str | None = None,
+        system: str | None = None,
+        layout: str | dict[str, str | None] | None = DEFAULT_LAYOUT,
+    ):
+        set_layout(self, layout)
         if chat_template is not None and chat_template.endswith(".jinja"):
             if not os.path.isfile(chat_template):
                 raise ValueError(f"chat_template file '{chat_template}' does not exist")
@@ -69,11 +84,22 @@ class HFChatTemplate:
             )
         return source
 
-    def encode(self, conversations: Sequence[Mapping[str, Any]], tokenizer: Any, where: str) -> Encoded:
+    @classmethod
+    def validate_config(cls, kwargs: Mapping[str, Any], where: str) -> None:
+        build_layout(kwargs.get("layout"), f"{where}.layout")
+
+    def encode(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        where: str,
+        frames: Sequence[Sequence[int]] | None = None,
+    ) -> Encoded:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         source = self.jinja(tokenizer)
-        messages = conversation_messages(conversations, where, forbidden_markup(self, tokenizer))
+        forbidden = forbidden_markup(self, tokenizer)
+        messages = conversation_messages(conversations, where, forbidden, self.layout, frames)
         if self.system:
             messages = [{"role": "system", "content": self.system}, *messages]
         out = tokenizer.apply_chat_template(
@@ -94,4 +120,7 @@ class HFChatTemplate:
         return Encoded(list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]], targets)
 
     def __repr__(self) -> str:
-        return f"HFChatTemplate(chat_template={'<custom>' if self.chat_template else None}, system={self.system!r})"
+        return (
+            f"HFChatTemplate(chat_template={'<custom>' if self.chat_template else None}, system={self.system!r}, "
+            f"layout={self.layout!r})"
+        )

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from toolkit.data.template import ChatTemplate, Message
+from toolkit.data.template import DEFAULT_LAYOUT, ChatTemplate, Message
 from toolkit.registry import register
 
 USER = "<|User|>"
@@ -34,10 +34,18 @@ ASSISTANT = "<|Assistant|>"
 
 @register("template", "jamba")
 class Jamba(ChatTemplate):
-    """LongLLaVA's Jamba prompt: ``<bos><|User|>\\nquestion\\n<bos><|Assistant|>\\nanswer<eos>``."""
+    """LongLLaVA's Jamba prompt: ``<bos><|User|>\\nquestion\\n<bos><|Assistant|>\\nanswer<eos>``.
+
+    Args:
+        layout: how images and videos are written (``longllava``, LongLLaVA's own, ``llava`` or a mapping of
+            markers).
+    """
 
     name = "jamba"
     markup = (USER, ASSISTANT)
+
+    def __init__(self, layout: str | dict[str, str | None] | None = DEFAULT_LAYOUT):
+        super().__init__(layout)
 
     def segments(self, messages: Sequence[Message], tokenizer: Any) -> list[tuple[str, bool]]:
         bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from toolkit.data.template import ChatTemplate, Message
+from toolkit.data.template import DEFAULT_LAYOUT, ChatTemplate, Message
 from toolkit.registry import register
 
 START_HEADER = "<|start_header_id|>"
@@ -37,12 +37,16 @@ class Llama3(ChatTemplate):
 
     Args:
         system: a system message written first; None writes none (Meta's template without a system turn).
+        layout: how images and videos are written (``longllava``, ``llava`` or a mapping of markers).
     """
 
     name = "llama3"
     markup = (START_HEADER, END_HEADER, EOT)
 
-    def __init__(self, system: str | None = None):
+    def __init__(
+        self, system: str | None = None, layout: str | dict[str, str | None] | None = DEFAULT_LAYOUT
+    ):
+        super().__init__(layout)
         self.system = system or None
 
     def words(self) -> list[str]:

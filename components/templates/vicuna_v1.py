@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from toolkit.data.template import ChatTemplate, Message
+from toolkit.data.template import DEFAULT_LAYOUT, ChatTemplate, Message
 from toolkit.registry import register
 
 USER_PREFIX = "USER: "
@@ -36,11 +36,16 @@ class VicunaV1(ChatTemplate):
 
     Args:
         system: text written before the first ``USER:`` (followed by a space); None writes none.
+        layout: how images and videos are written: ``longllava`` (``<img><image></img>``), ``llava`` (the
+            bare ``<image>``) or a mapping of markers (``toolkit.data.template.Layout``).
     """
 
     name = "vicuna_v1"
 
-    def __init__(self, system: str | None = None):
+    def __init__(
+        self, system: str | None = None, layout: str | dict[str, str | None] | None = DEFAULT_LAYOUT
+    ):
+        super().__init__(layout)
         self.system = system or None
 
     def words(self) -> list[str]:

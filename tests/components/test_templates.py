@@ -198,6 +198,36 @@ def test_builtin_matches_transformers_chat_template(make_tokenizer, name, kwargs
     assert (via_hf.ids, via_hf.mask, via_hf.targets) == (ours.ids, ours.mask, ours.targets)
 
 
+VIDEO_CONV = [human(f"{IMAGE} {IMAGE} {IMAGE}\nwhich image shows a circle ?"), gpt("the second")]
+# the same user turn as the layouts write it, spelled out: LongLLaVA's cli.py, and LLaVA(-NeXT-Video)'s
+VIDEO_TEXT = {
+    "longllava": "<vid><img><image></img><t><img><image></img><t><img><image></img></vid>\nwhich image shows a circle ?",
+    "llava": "<image><image><image>\nwhich image shows a circle ?",
+}
+
+
+@pytest.mark.parametrize("layout", list(VIDEO_TEXT))
+@pytest.mark.parametrize("name, kwargs, system", VARIANTS)
+def test_builtin_writes_a_video_as_transformers_renders_its_markup(
+    make_tokenizer, name, kwargs, system, layout
+):
+    tok = make_tokenizer(name, kwargs)
+    template = build_template({"name": name, "layout": layout, **kwargs})
+    ours = template.encode(VIDEO_CONV, tok, "test", frames=[[0, 1, 2]])
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [
+        {"role": "user", "content": VIDEO_TEXT[layout]},
+        {"role": "assistant", "content": "the second"},
+    ]
+    ref = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ours.ids == list(ref["input_ids"])
+    assert [int(m) for m in ours.mask] == list(ref["assistant_masks"])
+    via_hf = build_template({"name": "hf", "system": system, "layout": layout})
+    assert via_hf.encode(VIDEO_CONV, tok, "test", frames=[[0, 1, 2]]).ids == ours.ids
+
+
 def test_collated_labels_are_the_answers_and_end_of_turn(make_tokenizer):
     import torch
 

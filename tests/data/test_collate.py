@@ -113,7 +113,7 @@ def test_collator_batch_contract(tok):
     enc = [encode(s, tok, K, 512) for s in samples]
     lengths = [e["input_ids"].shape[0] for e in enc]
     B, T = 3, max(lengths)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "images", "n_truncated"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "images", "n_truncated", "n_skipped"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (B, T)
     for i, (e, n) in enumerate(zip(enc, lengths)):
         assert torch.equal(batch["input_ids"][i, :n], e["input_ids"])
@@ -256,3 +256,16 @@ def test_targets_other_than_the_answers_are_an_error(tok, template, expected):
     assert expected in str(info.value)
     with pytest.raises(ChimeraError, match="data.template '.*' on a minimal sample 'probe'"):
         Collator(tok, K, 512, template=template)
+
+
+def test_skipped_samples_are_counted_in_the_batch():
+    """A dataset under on_bad_sample: skip marks replacement samples; the batch carries their count."""
+    from components.datasets.synthetic_shapes import SyntheticShapes
+    from toolkit.data.collate import Collator
+    from toolkit.data.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(SyntheticShapes.vocabulary())
+    data = SyntheticShapes(size=3, image_size=8, tasks=["color"])
+    samples = [data[0], {**data[1], "skipped": 1}, {**data[2], "skipped": 1}]
+    assert int(Collator(tok, 4, 64)(samples)["n_skipped"]) == 2
+    assert int(Collator(tok, 4, 64)(samples[:1])["n_skipped"]) == 0

@@ -11,6 +11,7 @@ and ``-100`` elsewhere (BOS, prompts, image slots, padding). They are NOT shifte
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.data.markup import IMAGE
-from toolkit.data.template import Encoded, build_template, forbidden_markup, template_name
+from toolkit.data.template import Encoded, build_template, check_markers, forbidden_markup, template_name
 from toolkit.data.tokenizer import image_token_id
 from toolkit.errors import ChimeraError
 
@@ -55,7 +56,9 @@ def encode(
     """Tokenize one sample with the prompt template, expanding each ``<image>`` into ``image_tokens`` slots.
 
     Args:
-        sample: ``{"id": str, "images": [n, 3, H, W] or None, "conversations": [...]}`` (LLaVA format).
+        sample: ``{"id": str, "images": [n, 3, H, W] or None, "conversations": [...]}`` (LLaVA format), and
+            optionally ``"frames": [[i0, i1, ...], ...]``: which images are the frames of one video (the
+            template's layout writes them as a video; ``toolkit.data.template``).
         tokenizer: a tokenizer from ``toolkit.data.load_tokenizer``.
         image_tokens: tokens one image produces after encoder, pooler and connector.
         max_length: longest sequence kept; text past it is cut, but never an image's token block.
@@ -81,7 +84,16 @@ def encode(
     n_images = 0 if images is None else images.shape[0]
 
     template = build_template(template)
-    encoded = template.encode(sample["conversations"], tokenizer, where)
+    frames = sample.get("frames")
+    if frames is None or (isinstance(frames, Sequence) and len(frames) == 0):
+        encoded = template.encode(sample["conversations"], tokenizer, where)
+    elif "frames" not in inspect.signature(template.encode).parameters:
+        raise ChimeraError(
+            f"{where}: the sample has 'frames' (videos) but template '{template_name(template)}' takes no "
+            "frames (its encode() has no 'frames' argument)"
+        )
+    else:
+        encoded = template.encode(sample["conversations"], tokenizer, where, frames=frames)
     _check_targets(encoded, sample["conversations"], tokenizer, template, where)
     img_id = image_token_id(tokenizer)
     input_ids: list[int] = []
@@ -186,7 +198,9 @@ class Collator:
         ``images``: FloatTensor[N, 3, H, W], all images of the batch in placeholder order, or None if none;
         ``n_truncated``: LongTensor[], how many samples of the batch were cut at ``max_length`` (summed over
         batches, it is the ``data/truncated`` count; it travels in the batch because collation runs in the
-        loader's worker processes).
+        loader's worker processes);
+        ``n_skipped``: LongTensor[], how many samples replace a bad record (a dataset under
+        ``on_bad_sample: skip`` marks them ``"skipped": 1``): the ``data/skipped`` count.
     """
 
     def __init__(
@@ -205,6 +219,7 @@ class Collator:
         self.max_length = int(max_length)
         self.where = where
         self.template = build_template(template)
+        check_markers(self.template, tokenizer)  # a layout marker the tokenizer would split into text
         # fail now, not in a worker: a template that cannot mask a minimal conversation with this tokenizer
         encode(
             _PROBE,
@@ -235,6 +250,7 @@ class Collator:
             "attention_mask": attention_mask,
             "images": self._images(samples),
             "n_truncated": torch.tensor(sum(e["truncated"] for e in encoded), dtype=torch.long),
+            "n_skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples), dtype=torch.long),
         }
 
     def _images(self, samples: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:

@@ -1,10 +1,11 @@
 """Special tokens and image markup: plain string constants, importable without transformers or torch.
 
 Markup follows LongLLaVA (arXiv 2409.02889): each image is written ``<img><image></img>``, a video ``<vid>``
-frames separated by ``<t>`` ``</vid>``. ``<image>`` is a placeholder the collator expands into as many copies
-of its id as the image produces tokens (``toolkit.data.collate``). The tokenizer (``toolkit.data.tokenizer``)
-and the prompt templates (``toolkit.data.template``) both read these names from here, so neither imports the
-other.
+frames separated by ``<t>`` ``</vid>``. These are the default layout's markers (``data.template.layout``
+selects another layout or other markers: ``toolkit.data.template.Layout``). ``<image>`` is a placeholder the
+collator expands into as many copies of its id as the image produces tokens (``toolkit.data.collate``). The
+tokenizer (``toolkit.data.tokenizer``) and the prompt templates (``toolkit.data.template``) both read these
+names from here, so neither imports the other.
 """
 
 from __future__ import annotations
