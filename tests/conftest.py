@@ -24,6 +24,18 @@ def _seed_and_dtype():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _tracking_env():
+    """``mlflow.set_tracking_uri`` (MLflow 3) sets $MLFLOW_TRACKING_URI, which Chimera honours: a test that calls
+    it would send every later test's runs to its store. Each test starts and ends with the variable as it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 TINY_MODEL = {
     "encoder": {
         "name": "timm_vit",

@@ -149,9 +149,8 @@ def _train(plan: Plan, only: str | None, resume: bool, zero: bool, stop: Any) ->
                     break
                 previous = _finished_weights(record, stage)  # an earlier stage: its weights feed the next
                 continue
-            if resume and done[stage.name]:
-                record["finished"] = True  # a one-stage plan's record is the top level, reset above
-                previous = _finished_weights(record, stage)
+            if resume and done[stage.name] and plan.staged:  # a finished stage of a recipe is skipped; a
+                previous = _finished_weights(record, stage)  # one-stage run resumes (to a new max_steps)
                 continue
             if stage.index > 0 and previous is None:
                 raise _not_finished(plan, stage)

@@ -90,6 +90,12 @@ class HybridDecoder(nn.Module):
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The decoder's own initialisation, on top of its children's: token embedding (and a head tied to
+        it) N(0, 0.02). The constructor ends with it; after a meta-device build ``toolkit.init`` runs it
+        after the layers' own ``reset_parameters``."""
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     @staticmethod
