@@ -36,6 +36,7 @@ The table and the plots are read back from MLflow by ``toolkit.report``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -532,62 +533,150 @@ def run_ablation(
     dry_run: bool = False,
     only: Sequence[str] | str | None = None,
     seeds: int | None = None,
+    jobs: int = 1,
 ) -> int:
-    """``chimera ablate FILE [key=value ...] [--dry-run] [--only V] [--seeds N]``; returns the exit code.
+    """``chimera ablate FILE [key=value ...] [--dry-run] [--only V] [--seeds N] [--jobs J]``; returns the exit
+    code.
 
     0: every run finished (here or before) or is being run by another process; 128 + N when stopped by
-    signal N (the running variant is stopped after a checkpoint; rerun to continue); otherwise the exit code
-    of the first run that failed (the sweep goes on with the others first)."""
+    signal N (the running variants are stopped after a checkpoint; rerun to continue); otherwise the exit code
+    of the first run that failed (the sweep goes on with the others first). ``jobs``: runs trained at the same
+    time, each in its own process (on a CPU each gets ``cpu_count // jobs`` threads unless
+    ``OMP_NUM_THREADS`` is set)."""
+    if jobs < 1:
+        raise ChimeraError(f"--jobs must be at least 1, got {jobs}", key="--jobs")
     ablation = load_ablation(file, overrides, seeds=seeds)
-    jobs = make_jobs(ablation, only)
+    runs = make_jobs(ablation, only)
     if dry_run:
-        check(jobs)
-        for job in jobs:
+        check(runs)
+        for job in runs:
             print(shlex.join(job.command(["chimera"], resume=True)))
         return 0
     try:
-        return _sweep(ablation, prepare(jobs), file)
-    except KeyboardInterrupt:  # Ctrl+C while no variant runs (planning, between runs)
+        return _sweep(ablation, prepare(runs), file, jobs)
+    except KeyboardInterrupt:  # Ctrl+C while planning
         _print(f"\nchimera: ablation {ablation.name}: interrupted; run the same command again to continue")
         return 128 + signal.SIGINT
 
 
-def _sweep(ablation: Ablation, prepared: list[Prepared], file: str | Path) -> int:
-    _announce(ablation, prepared)
+def _sweep(ablation: Ablation, prepared: list[Prepared], file: str | Path, jobs: int) -> int:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    children = _Children(_child_env(jobs))
+    _announce(ablation, prepared, jobs, children.env.get("OMP_NUM_THREADS"))
     n = len(prepared)
     counts = {"finished": 0, "skipped": 0, "elsewhere": 0, "failed": 0}
-    first_failure = 0
-    for i, item in enumerate(prepared, 1):
-        head = f"chimera: [{i}/{n}] {item.job.label}"
-        code = _run_one(item, head, counts)
-        if code >= 128:
-            _print(f"chimera: ablation {ablation.name}: stopped; run the same command again to continue")
-            return code
-        if code and not first_failure:
-            first_failure = code
-    done = counts["finished"] + counts["skipped"]
+    codes: list[int] = []
+    # Runs start in file order (seed by seed); each worker thread waits on one training process. Signals are
+    # taken here, in the main thread, and passed on to every running process (see _Children).
+    with children.handling_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {
+            pool.submit(_run_one, item, f"chimera: [{i}/{n}] {item.job.label}", children)
+            for i, item in enumerate(prepared, 1)
+        }
+        while pending:  # short waits: the main thread stays free to run the signal handler
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                code, outcome = future.result()
+                codes.append(code)
+                if outcome:
+                    counts[outcome] += 1
+    if children.received:
+        _print(f"chimera: ablation {ablation.name}: stopped; run the same command again to continue")
+        return 128 + children.received[0]
+    first_failure = next((c for c in codes if c), 0)
+    done_runs = counts["finished"] + counts["skipped"]
     _print(
-        f"chimera: ablation {ablation.name}: {done}/{n} runs finished ({counts['skipped']} earlier), "
+        f"chimera: ablation {ablation.name}: {done_runs}/{n} runs finished ({counts['skipped']} earlier), "
         f"{counts['elsewhere']} left to another process, {counts['failed']} failed"
     )
-    if done:
+    if done_runs:
         same_name = load_ablation(file).name == ablation.name  # else: ablation=NEW on the command line
         target = _shown_path(Path(file)) if same_name else ablation.name
         _print(f"chimera: table: chimera table {target}   plot: chimera plot {target}")
     return first_failure
 
 
+def _child_env(jobs: int) -> dict[str, str]:
+    """The training processes' environment: unbuffered output, and with parallel runs on a CPU, the cores
+    shared out (two processes of 2 OpenMP threads each on 2 cores spin-wait on each other: 10-50x slower)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+class _Children:
+    """The training processes a sweep runs, and the signal that stops them.
+
+    The first SIGINT or SIGTERM is passed on to every running process once (each stops after its current step
+    with a checkpoint and exits 128 + N) and no further run starts; a second one kills them. The children have
+    sessions of their own, so a Ctrl+C in the terminal reaches them only through here, once."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.received: list[int] = []
+        self._live: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def start(self, command: list[str], out: Any) -> subprocess.Popen | None:
+        """The started process, or None once the sweep was told to stop."""
+        with self._lock:
+            if self.received:
+                return None
+            child = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            self._live.add(child)
+            return child
+
+    def wait(self, child: subprocess.Popen) -> int:
+        code = child.wait()
+        with self._lock:
+            self._live.discard(child)
+        return code
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        with self._lock:
+            if self.received:  # a second signal: stop at once
+                for child in self._live:
+                    child.kill()
+                return
+            self.received.append(signum)
+            _print(f"\nchimera: received {signal.Signals(signum).name}; stopping the running variants")
+            for child in self._live:
+                child.send_signal(signum)
+
+    @contextlib.contextmanager
+    def handling_signals(self):
+        main = threading.current_thread() is threading.main_thread()  # handlers: main thread only
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            for s in previous:
+                signal.signal(s, self._forward)
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _announce(ablation: Ablation, prepared: Sequence[Prepared]) -> None:
+def _announce(ablation: Ablation, prepared: Sequence[Prepared], jobs: int, threads: str | None) -> None:
     from toolkit import tracking
 
     seeds = ", ".join(map(str, ablation.seeds))
+    at_once = f"; {jobs} at a time" + (f", {threads} thread(s) each" if threads else "") if jobs > 1 else ""
     _print(
         f"chimera: ablation {ablation.name}: {len(ablation.variants)} variants x seeds [{seeds}] = "
-        f"{len(prepared)} runs; store {prepared[0].tracking_uri if prepared else '-'}"
+        f"{len(prepared)} runs{at_once}; store {prepared[0].tracking_uri if prepared else '-'}"
     )
     by_uri: dict[str, str] = {}
     for p in prepared:
@@ -614,7 +703,8 @@ def _log_path(item: Prepared) -> Path:
     )
 
 
-def _run_one(item: Prepared, head: str, counts: dict[str, int]) -> int:
+def _run_one(item: Prepared, head: str, children: _Children) -> tuple[int, str | None]:
+    """(exit code, outcome): outcome is one of the sweep's counts (finished, skipped, elsewhere, failed)."""
     from toolkit.lock import RunLock
 
     claim = RunLock(item.run_dir.with_name(f"{item.run_dir.name}.ablate"))
@@ -622,8 +712,7 @@ def _run_one(item: Prepared, head: str, counts: dict[str, int]) -> int:
         claim.acquire()  # held while this process runs the variant: another ablate process skips it
     except ChimeraError:
         _print(f"{head}: skipped: another chimera ablate process is running it ({_holder(claim)})")
-        counts["elsewhere"] += 1
-        return 0
+        return 0, "elsewhere"
     try:
         try:
             RunLock(item.run_dir).acquire().release()
@@ -631,34 +720,34 @@ def _run_one(item: Prepared, head: str, counts: dict[str, int]) -> int:
             _print(
                 f"{head}: skipped: {item.run_dir} is in use by another run ({_holder(RunLock(item.run_dir))})"
             )
-            counts["elsewhere"] += 1
-            return 0
+            return 0, "elsewhere"
         state = run_state(item.run_dir)
         if state == FINISHED:
             log_params(item)
             _print(f"{head}: finished earlier, skipped ({_shown_path(item.run_dir)})")
-            counts["skipped"] += 1
-            return 0
+            return 0, "skipped"
+        if children.received:  # the sweep is stopping: start nothing new
+            return 128 + children.received[0], None
         log = _log_path(item)
         log.parent.mkdir(parents=True, exist_ok=True)
         what = "resuming from its checkpoint" if state == PARTIAL else "training"
         _print(f"{head}: {what} -> {_shown_path(item.run_dir)} (log {_shown_path(log)})")
         started = time.monotonic()
-        code = _launch(item.job.command(resume=state == PARTIAL), log)
+        code = _launch(item.job.command(resume=state == PARTIAL), log, children)
+        if code is None:
+            return 128 + children.received[0], None
         took = _duration(time.monotonic() - started)
         log_params(item)
         if code == 0 and run_state(item.run_dir) == FINISHED:
             _print(f"{head}: finished in {took}{_summary(item)}")
-            counts["finished"] += 1
-            return 0
+            return 0, "finished"
         if code >= 128:
             _print(f"{head}: stopped after {took} (exit {code}); its checkpoint is kept")
-            return code
-        counts["failed"] += 1
+            return code, None
         _print(f"{head}: FAILED after {took} (exit {code}); last lines of {_shown_path(log)}:")
         for line in _tail(log, 15):
             _print(f"    {line}")
-        return code or 1
+        return code or 1, "failed"
     finally:
         claim.release()
 
@@ -708,41 +797,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _launch(command: list[str], log: Path) -> int:
-    """Run one training process, its output appended to ``log``. SIGINT and SIGTERM sent to this process are
-    passed on to it once (it stops after the current step with a checkpoint and exits 128 + N); the child
-    has its own session, so a Ctrl+C in the terminal reaches it only through here, once."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _launch(command: list[str], log: Path, children: _Children) -> int | None:
+    """Run one training process, its output appended to ``log``; its exit code (128 + N when a signal N
+    stopped it), or None when the sweep was stopped before it started."""
     with open(log, "ab") as out:
         out.write(f"\n$ {shlex.join(command)}\n".encode())
         out.flush()
-        child = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        received: list[int] = []
-
-        def forward(signum: int, frame: Any) -> None:
-            if not received:
-                received.append(signum)
-                _print(f"\nchimera: received {signal.Signals(signum).name}; stopping the running variant")
-                child.send_signal(signum)
-            else:  # a second signal: stop at once
-                child.kill()
-
-        main = threading.current_thread() is threading.main_thread()  # handlers: main thread only
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-        try:
-            for s in previous:
-                signal.signal(s, forward)
-            code = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-    if received:
-        return 128 + received[0] if code == 0 or code < 128 else code
+        child = children.start(command, out)
+        if child is None:
+            return None
+        code = children.wait(child)
+    if children.received:
+        return 128 + children.received[0] if code == 0 or code < 128 else code
     return code if code >= 0 else 128 - code  # killed by signal N: Popen reports -N

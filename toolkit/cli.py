@@ -91,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print one command per run (for a scheduler)")
     p.add_argument("--only", action="append", metavar="VARIANT", help="run this variant only (repeatable)")
     p.add_argument("--seeds", type=int, metavar="N", help="repeat every variant with N seeds")
+    p.add_argument(
+        "--jobs", type=int, default=1, metavar="J", help="train J runs at a time, each in its own process"
+    )
     p = sub.add_parser("table", parents=[_COMMON], help="an ablation's table, read back from MLflow")
     p.add_argument("target", metavar="FILE_OR_NAME")
     p.add_argument("--format", choices=["md", "csv", "latex"], default="md")
@@ -136,6 +139,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", help="hf only: e.g. bfloat16 (default: the weights' own)")
 
+    p = sub.add_parser(
+        "generate",
+        parents=[_COMMON],
+        help="answer prompts (with images) from a run folder or an experiment file; batched, streamed",
+    )
+    p.add_argument("target", metavar="CONFIG_OR_RUN", help="a run folder (runs/NAME) or an experiment YAML")
+    p.add_argument(
+        "--image", action="extend", nargs="+", default=[], metavar="PATH", help="image file(s), in order"
+    )
+    p.add_argument(
+        "--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for a batch"
+    )
+    p.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line (added to --prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+
     p = sub.add_parser("bench", parents=[_COMMON], help="benchmarks to run on your own hardware")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser(
@@ -172,6 +194,26 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="also write the JSON here")
     b.add_argument("--only", default=None, help="comma-separated parts: kernels,parity,train,mixers,prefill")
     b.add_argument("--quick", action="store_true")
+    b = bsub.add_parser(
+        "vision",
+        parents=[_COMMON],
+        help="encoder+pooler+connector batched vs one by one; decoder step at 576 vs 144 tokens per image",
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not the issue's figures)")
+    b = bsub.add_parser(
+        "generate",
+        parents=[_COMMON],
+        help="long-context inference: 1:7 hybrid vs Transformer prefill, decode tokens/s, cache memory",
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="context lengths (default 4096 16384)"
+    )
+    b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per length (default 64)")
+    b.add_argument("--d-model", type=int, default=128)
+    b.add_argument("--layers", type=int, default=8)
+    b.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not the issue's figures)")
     return ap
 
 
@@ -212,7 +254,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from toolkit.ablation import run_ablation
 
-    return run_ablation(args.file, args.overrides, dry_run=args.dry_run, only=args.only, seeds=args.seeds)
+    return run_ablation(
+        args.file, args.overrides, dry_run=args.dry_run, only=args.only, seeds=args.seeds, jobs=args.jobs
+    )
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -317,6 +361,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = (
         "chimera " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "chimera bench " + args.bench
     )
+    if args.bench == "vision":
+        from toolkit.bench_vision import vision_bench_command
+
+        flags = " --quick" * args.quick + " --json" * args.json
+        return vision_bench_command(
+            as_json=args.json, quick=args.quick, command=command if "--" in command else command + flags
+        )
     if args.bench == "gpu":
         from toolkit.bench_gpu import PARTS, gpu_command
 
@@ -335,6 +386,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             else f"{format_data(result)}\n\n(measured by: {command})"
         )
         return 0
+    if args.bench == "generate":
+        from toolkit.bench_generate import generate_bench_command
+
+        return generate_bench_command(
+            as_json=args.json,
+            quick=args.quick,
+            command=command,
+            lengths=args.lengths,
+            new_tokens=args.new_tokens,
+            d_model=args.d_model,
+            n_layers=args.layers,
+        )
     if args.bench == "mixers":
         from toolkit.bench import bench_mixers, format_mixers
 
@@ -350,6 +413,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print((format_mixers if args.bench == "mixers" else format_model)(result))
         print(f"\n(measured by: {command})")
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toolkit.generate import generate_command
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text().splitlines()
+        except OSError as exc:
+            raise ChimeraError(f"--prompts {args.prompts}: cannot read it ({exc.strerror})") from exc
+        prompts += [line for line in lines if line.strip()]
+    return generate_command(
+        args.target,
+        args.image,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=args.stream,
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -417,6 +504,7 @@ def _encoder_image_size(plan) -> int:
 COMMANDS = {
     "data": cmd_data,
     "export": cmd_export,
+    "generate": cmd_generate,
     "ablate": cmd_ablate,
     "table": cmd_table,
     "plot": cmd_plot,

@@ -465,16 +465,19 @@ def test_a_bad_variant_fails_before_anything_runs(tiny_experiment, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_sweep_stops_the_running_variant_with_a_checkpoint(tiny_experiment, tmp_path):
-    """SIGTERM to `chimera ablate` is passed on once: the variant checkpoints and exits 143, so does the
-    sweep, and the next variant is not started."""
+def test_sigterm_to_a_parallel_sweep_stops_every_running_variant_with_a_checkpoint(tiny_experiment, tmp_path):
+    """`--jobs 2`: two variants train at once; SIGTERM to `chimera ablate` is passed on once to both: each
+    checkpoints and exits 143, so does the sweep, and the third variant is never started."""
     path = _ablation(
         tmp_path,
-        variants={"a": {"trainer.max_steps": 200}, "b": {}},
-        overrides={"checkpoint.every_n_steps": 100},
+        variants={"a": {"trainer.max_steps": 400}, "b": {"trainer.max_steps": 400}, "c": {}},
+        overrides={"checkpoint.every_n_steps": 200},
     )
-    run = tmp_path / "runs" / "abl-a-s0"
-    code = f"import sys; from toolkit.ablation import run_ablation; sys.exit(run_ablation({str(path)!r}))"
+    runs = [tmp_path / "runs" / f"abl-{v}-s0" for v in "ab"]
+    code = (
+        "import sys; from toolkit.ablation import run_ablation; "
+        f"sys.exit(run_ablation({str(path)!r}, jobs=2))"
+    )
     driver = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -483,7 +486,11 @@ def test_sigterm_to_the_sweep_stops_the_running_variant_with_a_checkpoint(tiny_e
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait(lambda: bool(run_ids(run)) or driver.poll() is not None, 240, "the variant's MLflow run")
+        _wait(
+            lambda: all(run_ids(r) for r in runs) or driver.poll() is not None,
+            240,
+            "both variants' MLflow runs",
+        )
         time.sleep(2)
         driver.send_signal(signal.SIGTERM)
         out = driver.communicate(timeout=240)[0].decode()
@@ -491,8 +498,25 @@ def test_sigterm_to_the_sweep_stops_the_running_variant_with_a_checkpoint(tiny_e
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 143, out
-    assert "[1/2] a seed 0: stopped after" in out and "(exit 143); its checkpoint is kept" in out
-    assert "[2/2]" not in out and not (tmp_path / "runs" / "abl-b-s0").exists()
-    assert run_state(run) == PARTIAL and (run / "checkpoints" / "last.ckpt").is_file()
-    log = (tmp_path / "runs" / "ablations" / "abl" / "a-s0.log").read_text()
-    assert "stopped by SIGTERM at step" in log
+    assert "2 at a time, 1 thread(s) each" in out  # OMP_NUM_THREADS=1 set by the test's environment
+    for i, variant in enumerate("ab", 1):
+        assert f"[{i}/3] {variant} seed 0: stopped after" in out, out
+        run = runs[i - 1]
+        assert run_state(run) == PARTIAL and (run / "checkpoints" / "last.ckpt").is_file()
+        log = (tmp_path / "runs" / "ablations" / "abl" / f"{variant}-s0.log").read_text()
+        assert "stopped by SIGTERM at step" in log
+    assert out.count("(exit 143); its checkpoint is kept") == 2
+    assert "[3/3]" not in out and not (tmp_path / "runs" / "abl-c-s0").exists()
+
+
+def test_parallel_runs_share_the_cores_unless_told(monkeypatch):
+    from toolkit.ablation import _child_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert _child_env(2)["OMP_NUM_THREADS"] == "4" and _child_env(16)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in _child_env(1)  # one run at a time: torch's own default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _child_env(2)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    with pytest.raises(ChimeraError, match="--jobs must be at least 1"):
+        run_ablation("any.yaml", jobs=0)
