@@ -86,8 +86,30 @@ def build_model(cfg: Any, tokenizer: Any, *, init: str = "eager") -> MultimodalM
     return model
 
 
+def build_vision(cfg: Any, model: MultimodalModel) -> Any:
+    """The data workers' vision path for ``model``: its token plan, its encoder's timm data config (an encoder
+    without one gets a plain bicubic resize and a black letterbox), and ``data.preprocess`` /
+    ``data.max_image_tokens`` / ``data.over_budget``."""
+    from toolkit.data.vision import VisionProcessor
+
+    size = int(model.encoder.image_size)
+    data_config = getattr(model.encoder, "data_config", None) or {
+        "input_size": (3, size, size),
+        "interpolation": "bicubic",
+        "mean": (0.0, 0.0, 0.0),
+    }
+    data = cfg.data
+    return VisionProcessor(
+        model.token_plan,
+        data_config,
+        preprocess=str(data.get("preprocess", "resize")),
+        max_image_tokens=data.get("max_image_tokens"),
+        over_budget=str(data.get("over_budget", "error")),
+    )
+
+
 def build_datamodule(cfg: Any, tokenizer: Any, model: MultimodalModel) -> Any:
-    """Train/val data for ``model``: the collator reserves ``model.image_tokens`` slots per image."""
+    """Train/val data for ``model``: the collator counts each image's slots with ``model.token_plan``."""
     from omegaconf import OmegaConf
 
     from toolkit.data import ChimeraDataModule
@@ -105,6 +127,7 @@ def build_datamodule(cfg: Any, tokenizer: Any, model: MultimodalModel) -> Any:
         max_length=int(data.max_length),
         seed=int(cfg.seed),
         template=_plain(data.get("template")),
+        vision=build_vision(cfg, model),
     )
 
 

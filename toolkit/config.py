@@ -39,6 +39,14 @@ DEFAULTS: dict[str, Any] = {
         "connector": {"name": "mlp", "depth": 2},
         "decoder": None,
         "pool_after_connector": False,
+        "vision": {  # the token plan's settings (toolkit/token_plan.py, docs/vision.md)
+            "anyres": False,  # LLaVA-NeXT AnyRes: tiles + a global view per image (frames are never tiled)
+            "grids": "anyres",  # anyres | anyres_max_N | [[rows, cols], ...]
+            "newline": True,  # a learned embedding ends each row of AnyRes features
+            "unpad": True,  # llava_next: drop the features that only show padding
+            "layout": "llava_next",  # llava_next | longllava
+            "frame_stride": None,  # video frames' tokens 2D-pooled after the connector (LLaVA-NeXT-Video: 2)
+        },
         "init": None,  # whole-model pretrained weights {path, layout} (parts take their own `init:`)
     },
     "data": {
@@ -50,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
         "val_batch_size": None,
         "num_workers": 0,
         "max_length": 512,
+        "preprocess": "resize",  # resize | center_crop | pad (LLaVA-1.5's letterbox), from the encoder's timm config
+        "max_image_tokens": None,  # cap on the image tokens of one sample; None: no cap
+        "over_budget": "error",  # error | fewer_frames | fewer_tiles
     },
     "optim": {
         "lr": 1e-3,
@@ -174,11 +185,32 @@ RULES: dict[str, Rule] = {
         "a list of module names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
     ),
     "model.pool_after_connector": _BOOL,
+    "model.vision.anyres": _BOOL,
+    "model.vision.grids": Rule(
+        "anyres, anyres_max_N (N >= 1) or a list of [rows, cols] grids",
+        lambda v: (
+            (isinstance(v, str) and re.fullmatch(r"anyres|anyres_max_[1-9][0-9]*", v) is not None)
+            or (
+                isinstance(v, list)
+                and len(v) > 0
+                and all(
+                    isinstance(g, list) and len(g) == 2 and all(_is_int(x) and x >= 1 for x in g) for g in v
+                )
+            )
+        ),
+    ),
+    "model.vision.newline": _BOOL,
+    "model.vision.unpad": _BOOL,
+    "model.vision.layout": _choice("llava_next", "longllava"),
+    "model.vision.frame_stride": _optional(_int(1)),
     "data.tokenizer": _optional(_STR),
     "data.batch_size": _int(1),
     "data.val_batch_size": _optional(_int(1)),
     "data.num_workers": _int(0),
     "data.max_length": _int(1),
+    "data.preprocess": _choice("resize", "center_crop", "pad"),
+    "data.max_image_tokens": _optional(_int(1)),
+    "data.over_budget": _choice("error", "fewer_frames", "fewer_tiles"),
     "optim.lr": _num("a number > 0", lambda v: v > 0),
     "optim.weight_decay": _num("a number >= 0", lambda v: v >= 0),
     "optim.betas": Rule(

@@ -97,8 +97,10 @@ class FFN(Protocol):
 
 class Dataset(Protocol):
     """A map-style dataset of LLaVA-format samples:
-    ``{"id": str, "images": FloatTensor[n, 3, H, W] | None, "conversations": [{"from", "value"}, ...]}``.
-    Receives ``image_size`` (the encoder's input side) when its constructor takes it."""
+    ``{"id": str, "images": FloatTensor[n, 3, H, W] | [Pillow images or [3, h, w] tensors] | None,
+    "conversations": [{"from", "value"}, ...], "frames"?: [[image indices of one video], ...]}``.
+    Images may have any size: the collator's vision path (``toolkit/data/vision.py``) preprocesses, tiles
+    and counts them. Receives ``image_size`` (the encoder's input side) when its constructor takes it."""
 
     def __len__(self) -> int: ...
 
@@ -143,7 +145,11 @@ DERIVED: dict[str, tuple[str, ...]] = {
 
 # Members the toolkit uses when a part has them.
 OPTIONAL: dict[str, dict[str, str]] = {
-    "encoder": {"shard_units": "sub-modules FSDP wraps (and checkpoints) one by one, e.g. the ViT blocks"},
+    "encoder": {
+        "shard_units": "sub-modules FSDP wraps (and checkpoints) one by one, e.g. the ViT blocks",
+        "data_config": "timm data config (input_size, interpolation, mean, crop_pct): the data path's "
+        "preprocessing (data.preprocess); without it, a bicubic resize and a black letterbox",
+    },
     "connector": {"num_tokens": "tokens per image it outputs, when it reduces them itself (C-Abstractor)"},
     "decoder": {
         "aux_loss": "aux_loss() -> Tensor | None: added to the loss after each forward (MoE load balancing)",

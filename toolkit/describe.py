@@ -1,7 +1,8 @@
 """``chimera describe``: build the model on the meta device (no memory) and report its structure.
 
 Parameter counts per part (total and trainable under ``optim.trainable``, and per stage for a recipe), image
-tokens per image, the resolved layer pattern and one line per decoder layer.
+tokens per image from the model's token plan (a plain image, a video frame, and an AnyRes 2 x 2 image with
+and without newline tokens), the resolved layer pattern and one line per decoder layer.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def describe(plan: Plan | str | Path, overrides: Sequence[str] = ()) -> dict[str
         "name": plan.name,
         "params": {"total": total, "trainable": trainable, "by_component": by_part},
         "image_tokens": model.image_tokens,
+        "tokens_per_image": tokens_per_image(model.token_plan),
         "encoder": {
             "image_size": encoder.image_size,
             "grid": list(encoder.grid) if encoder.grid else None,
@@ -67,6 +69,39 @@ def describe(plan: Plan | str | Path, overrides: Sequence[str] = ()) -> dict[str
     return info
 
 
+def tokens_per_image(plan: Any) -> dict[str, Any]:
+    """Decoder positions per image from the token plan: a plain image (or a video frame), and an AnyRes image
+    of 2 x 2 tiles (``2S x 2S`` pixels) with and without the newline embedding, under the configured layout
+    and unpadding (reported even when AnyRes is off, as what turning it on would cost; None when the layout
+    cannot apply to these tokens)."""
+    from dataclasses import replace
+
+    from toolkit.errors import ChimeraError
+
+    s = plan.settings
+    out: dict[str, Any] = {
+        "image": plan.view_tokens,
+        "frame": plan.frame_tokens,
+        "grid": list(plan.view_grid) if plan.view_grid else None,
+        "anyres": s.anyres,
+        "layout": s.layout,
+        "unpad": s.unpad,
+    }
+    side = 2 * plan.image_size
+    try:
+        on = replace(plan, settings=replace(s, anyres=True))
+    except ChimeraError:
+        out["anyres_2x2"] = None
+        return out
+    row = on.row(side, side, (2, 2))
+    out["anyres_2x2"] = {
+        "size": [side, side],
+        "newline": on.tokens(row, newline=True),
+        "no_newline": on.tokens(row, newline=False),
+    }
+    return out
+
+
 def _letter_names() -> dict[str, str]:
     from toolkit.registry import symbols
 
@@ -90,6 +125,16 @@ def format_description(info: dict[str, Any]) -> str:
     lines.append(
         f"image tokens  {info['image_tokens']} per image (encoder {enc['image_size']} px, grid {grid}, {enc['tokens']} tokens, width {enc['width']})"
     )
+    t = info["tokens_per_image"]
+    if t["frame"] != t["image"]:
+        lines.append(f"video frame   {t['frame']} tokens per frame (model.vision.frame_stride)")
+    if t["anyres_2x2"] is not None:
+        a = t["anyres_2x2"]
+        state = "on" if t["anyres"] else "off: model.vision.anyres=true turns it on"
+        lines.append(
+            f"anyres 2x2    {a['size'][0]}x{a['size'][1]} px image: {a['newline']} tokens with newline, "
+            f"{a['no_newline']} without (layout {t['layout']}, unpad {'on' if t['unpad'] else 'off'}; AnyRes {state})"
+        )
     lines.append(f"pattern       {info['pattern']}")
     if info.get("stages"):
         for name, s in info["stages"].items():

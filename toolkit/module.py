@@ -122,6 +122,7 @@ class ChimeraModule(pl.LightningModule):
         self.skipped_total = (
             0.0  # bad records skipped (on_bad_sample: skip) since this fit started, all ranks
         )
+        self.over_budget_total = 0.0  # samples the data.over_budget policy reduced, since this fit started
         self._window: Tensor | None = None  # this rank's StepCounts (as a tensor) over the current step
         self._unlogged: StepCounts | None = None  # counts of a step whose train/* are not yet logged
         self._params: list[nn.Parameter] | None = None  # the trainable parameters, once sharded
@@ -143,7 +144,7 @@ class ChimeraModule(pl.LightningModule):
             self._shard = None
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
-        return self.model(batch["input_ids"], batch.get("images"))
+        return self.model(batch["input_ids"], batch.get("images"), image_layout=batch.get("image_layout"))
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -173,6 +174,7 @@ class ChimeraModule(pl.LightningModule):
             sum_sq_lengths=lengths.double().square().sum(),
             truncated=batch.get("n_truncated", 0),
             skipped=batch.get("n_skipped", 0),
+            over_budget=batch.get("n_over_budget", 0),
         ).to_tensor()
         self._window = counts if self._window is None else self._window + counts
         loss = loss_sum
@@ -213,6 +215,7 @@ class ChimeraModule(pl.LightningModule):
         self.step_counts = self._unlogged = counts
         self.truncated_total += counts.truncated
         self.skipped_total += counts.skipped
+        self.over_budget_total += counts.over_budget
         self._window = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -227,6 +230,7 @@ class ChimeraModule(pl.LightningModule):
                 "train/target_tokens": counts.target_tokens,
                 "data/truncated": self.truncated_total,  # samples cut at data.max_length, so far
                 "data/skipped": self.skipped_total,  # bad records replaced by the next good one, so far
+                "data/over_budget": self.over_budget_total,  # samples cut to data.max_image_tokens, so far
             },
             on_step=True,
             rank_zero_only=True,

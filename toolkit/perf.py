@@ -77,6 +77,7 @@ class StepCounts:
     sum_sq_lengths: float = 0.0  # sum over samples of (non-padding length)^2: what attention scores cost
     truncated: float = 0.0  # samples the collator cut at data.max_length
     skipped: float = 0.0  # bad records a dataset replaced under on_bad_sample: skip
+    over_budget: float = 0.0  # samples the data.over_budget policy reduced to data.max_image_tokens
 
     def to_tensor(self, device: torch.device | None = None) -> Tensor:
         """The fields, in declaration order, as one float64 vector on ``device`` (default: the tensors' own).

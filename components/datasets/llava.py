@@ -20,9 +20,9 @@ int64 numpy array, 8 bytes per record; blank lines are dropped, and line numbers
 lines shift them); ``__getitem__`` seeks, reads one line and parses it (about 25 us per record). Measured on
 the 2-core development machine (shared, load average 2-4, page cache warm): opening a 1,000,000-line JSONL of
 LLaVA-like records (573 MB) takes 0.4-0.9 s, timed around
-``LlavaDataset("/tmp/llava_1m.jsonl", image_size=336)`` (``python -c "import time; from
-components.datasets.llava import LlavaDataset; t = time.perf_counter(); LlavaDataset('/tmp/llava_1m.jsonl',
-image_size=336); print(time.perf_counter() - t)"``). A JSON list has no line boundaries, so it is parsed ONCE
+``LlavaDataset("/tmp/llava_1m.jsonl")`` (``python -c "import time; from
+components.datasets.llava import LlavaDataset; t = time.perf_counter(); LlavaDataset('/tmp/llava_1m.jsonl');
+print(time.perf_counter() - t)"``). A JSON list has no line boundaries, so it is parsed ONCE
 at open, record by record (``json.JSONDecoder.raw_decode``), keeping only each record's text in one bytes
 buffer with int64 start/end offsets: no per-record Python objects remain, so forked DataLoader workers do not
 copy them page by page through reference counts, and the whole parsed list never exists at once. That costs
@@ -30,19 +30,20 @@ what ``json.load`` costs (about 4 s for 200,000 records / 114 MB here). A JSON L
 (``zip://``) is read into memory, then indexed the same way, because seeking inside a compressed member
 decompresses it again from the start.
 
-Images are decoded with Pillow, converted to RGB and preprocessed by ``to_tensor`` (bicubic resize to
-``image_size`` x ``image_size``, floats in [0, 1]); it is the one function to swap for the encoder's own
-preprocessing (timm data config) later.
+Images are decoded with Pillow, converted to RGB and returned at their own size: the collator's vision path
+(``toolkit/data/vision.py``, in the loader's workers) applies the encoder's own preprocessing (its timm data
+config, ``data.preprocess``) or cuts AnyRes tiles, the same function for every dataset.
 
-Video: a record's ``video`` is a folder of frame images (sorted by name, numbers compared as numbers) or a
-list of frame paths; ``max_frames`` frames are sampled uniformly (``np.linspace(0, n - 1, max_frames)``
+Video: a record's ``video`` is a folder of frame images (sorted by name, numbers compared as numbers), a
+list of frame paths, or a video file (``.mp4``, ``.webm``...; decoded with PyAV, the optional extra
+``pip install 'chimera-toolkit[video]'``, imported only when a video file is met); ``max_frames`` frames are sampled uniformly (``np.linspace(0, n - 1, max_frames)``
 rounded, first and last frames kept; LLaVA-NeXT-Video samples with the same linspace). Frames become images: the human turn's
 one ``<video>`` placeholder (Video-LLaVA's convention) is expanded into one ``<image>`` per sampled frame,
 separated by spaces, so the collator, which only knows ``<image>``, reserves slots per frame; a video record
 with no ``image`` and no ``<video>`` but exactly one ``<image>`` (LLaVA-NeXT-Video / LLaVA-Video-178K's
 convention) has that ``<image>`` expanded instead. The frames sit in ``images`` at the placeholder's position
 among the record's images. LongLLaVA's ``<vid>`` frames ``<t>`` ``</vid>`` markup is the template's job (a
-dataset may not type markup); this dataset does not yet say which images are frames.
+dataset may not type markup); the sample's ``frames`` says which images are the frames of each video.
 
 Bad data (a missing or undecodable image, a record that is not an object, no or ill-typed conversations, a
 placeholder count that does not match the images, an empty or non-alternating conversation, invalid JSON)
@@ -73,6 +74,7 @@ import torch
 from torch.utils.data import Dataset
 
 from toolkit.data.markup import IMAGE
+from toolkit.data.vision import uniform_indices  # noqa: F401  (frame sampling, shared with the budget)
 from toolkit.errors import ChimeraError
 from toolkit.registry import register
 
@@ -92,7 +94,8 @@ _REASONS_KEPT = 8
 
 def to_tensor(image: PILImage.Image, image_size: int) -> torch.Tensor:
     """A Pillow image -> FloatTensor[3, image_size, image_size] in [0, 1] (RGB, bicubic resize, aspect ratio
-    not kept). The single preprocessing function of this dataset: swap it for the encoder's data config."""
+    not kept). Training data goes through ``toolkit.data.vision`` instead (the encoder's own preprocessing);
+    this stays for callers that want a plain square resize."""
     from PIL import Image
 
     image = image.convert("RGB")
@@ -126,13 +129,6 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None, what: str) -> tu
         ) from exc
     except ValueError as exc:
         raise ChimeraError(f"{what} '{url}': {exc}") from exc
-
-
-def uniform_indices(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)``, first and last included (all of them when n <= k)."""
-    if n <= k:
-        return list(range(n))
-    return [int(i) for i in np.linspace(0, n - 1, k).round()]
 
 
 def _natural_key(path: str) -> list[Any]:
@@ -217,24 +213,24 @@ class LlavaDataset(Dataset):
 
     Args:
         annotations: path or fsspec URL of the JSON / JSONL annotation file.
-        image_size: side of the square images (set by the toolkit from the encoder).
         image_root: folder (path or URL) relative image and frame paths resolve against; default: the
             annotation file's folder.
-        max_frames: frames sampled uniformly from a video.
+        max_frames: frames sampled uniformly from a video (the frame budget; ``data.over_budget:
+            fewer_frames`` may keep fewer).
         on_bad_sample: ``error`` raises on a bad record; ``skip`` returns the next good record and counts the
             skip (``skipped``, ``skip_reasons``, and ``sample["skipped"]``: 1 for a replacement, else 0).
         storage_options: fsspec options for the annotation and image file systems (credentials, endpoints).
         limit: keep only the first ``limit`` records (quick runs on a large file).
         max_tries: under ``skip``, how many consecutive records may be tried before giving up with an error.
 
-    Returns per sample: ``{"id": str, "images": FloatTensor[n, 3, S, S] in [0, 1] or None,
-    "conversations": [{"from": "human"|"gpt", "value": str}, ...], "skipped": int}``.
+    Returns per sample: ``{"id": str, "images": [RGB Pillow images at their own size] or None,
+    "conversations": [{"from": "human"|"gpt", "value": str}, ...], "frames": [[image indices], ...],
+    "skipped": int}``.
     """
 
     def __init__(
         self,
         annotations: str,
-        image_size: int,
         image_root: str | None = None,
         max_frames: int = 8,
         on_bad_sample: Literal["error", "skip"] = "error",
@@ -242,8 +238,6 @@ class LlavaDataset(Dataset):
         limit: int | None = None,
         max_tries: int = 64,
     ):
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
         if int(max_frames) < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         if on_bad_sample not in ("error", "skip"):
@@ -258,7 +252,6 @@ class LlavaDataset(Dataset):
             raise ChimeraError("dataset 'llava' decodes images with Pillow: pip install pillow") from exc
         self.annotations = str(annotations)
         self.image_root = None if image_root is None else str(image_root)
-        self.image_size = int(image_size)
         self.max_frames = int(max_frames)
         self.on_bad_sample = on_bad_sample
         self.storage_options = dict(storage_options or {})
@@ -374,7 +367,7 @@ class LlavaDataset(Dataset):
         return len(self._index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """``{"id", "images": FloatTensor[n, 3, S, S] or None, "conversations", "skipped": int}``."""
+        """``{"id", "images": [Pillow images] or None, "conversations", "frames", "skipped": int}``."""
         n, index = len(self), int(index)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
@@ -456,7 +449,7 @@ class LlavaDataset(Dataset):
             )
 
         frames = self._frames(video, where) if video is not None else []
-        tensors: list[torch.Tensor] = []
+        decoded: list[PILImage.Image] = []
         groups: list[list[int]] = []  # which images are the frames of the video (the template's layout)
         next_image = iter(images)
         for t in turns:
@@ -465,16 +458,16 @@ class LlavaDataset(Dataset):
             parts = _PLACEHOLDER.split(t["value"])
             for j, part in enumerate(parts):
                 if part == IMAGE:
-                    tensors.append(self._decode(next(next_image), where))
+                    decoded.append(self._decode(next(next_image), where))
                 elif part == VIDEO:
-                    start = len(tensors)
-                    tensors.extend(self._decode(frame, where, "frame") for frame in frames)
-                    groups.append(list(range(start, len(tensors))))
+                    start = len(decoded)
+                    decoded.extend(self._decode(frame, where, "frame") for frame in frames)
+                    groups.append(list(range(start, len(decoded))))
                     parts[j] = " ".join([IMAGE] * len(frames))
             t["value"] = "".join(parts)
         return {
             "id": sid,
-            "images": torch.stack(tensors) if tensors else None,  # [n, 3, S, S]
+            "images": decoded or None,  # RGB Pillow images, each at its own size
             "conversations": turns,
             "frames": groups,  # [[i0, i1, ...]] per video; [] without one
         }
@@ -537,25 +530,25 @@ class LlavaDataset(Dataset):
         return h.root_fs, posixpath.normpath(posixpath.join(h.root, path) if h.root else path)
 
     def _frames(self, video: Any, where: str) -> list[Any]:
-        """The record's frames sampled uniformly: paths as written (a list) or ``_FsPath`` s (a folder)."""
+        """The record's frames sampled uniformly: paths as written (a list), ``_FsPath`` s (a folder) or
+        decoded images (a video file)."""
         if isinstance(video, list):
             if not video or not all(isinstance(p, str) and p for p in video):
                 raise BadRecord(f"{where}: 'video' must be a folder or a non-empty list of frame paths")
             return [video[i] for i in uniform_indices(len(video), self.max_frames)]
         if not isinstance(video, str) or not video:
-            raise BadRecord(f"{where}: 'video' must be a folder or a list of frame paths, got {video!r:.80}")
+            raise BadRecord(
+                f"{where}: 'video' must be a folder, a video file or a list of frame paths, got {video!r:.80}"
+            )
         fs, path = self._resolve(video)
         try:
             is_dir = fs.isdir(path)
             if not is_dir and fs.exists(path):
-                raise BadRecord(
-                    f"{where}: video '{video}' is a file; only frame folders and frame lists are read (extract "
-                    "frames first, e.g. ffmpeg -i video.mp4 frames/%06d.jpg)"
-                )
+                return self._video_file(fs, path, video, where)
             if not is_dir:
                 raise BadRecord(f"{where}: video folder '{video}' not found ({_protocol(fs)}: '{path}')")
             listing = fs.ls(path, detail=False)
-        except BadRecord:
+        except ChimeraError:  # bad data (BadRecord), or PyAV missing: an error even under skip
             raise
         except Exception as exc:
             raise BadRecord(f"{where}: cannot list video folder '{video}': {exc}") from exc
@@ -568,10 +561,45 @@ class LlavaDataset(Dataset):
         picked = [names[i] for i in uniform_indices(len(names), self.max_frames)]
         return [_FsPath(fs, p, f"{video.rstrip('/')}/{posixpath.basename(p)}") for p in picked]
 
-    def _decode(self, path: str | _FsPath, where: str, what: str = "image") -> torch.Tensor:
-        """FloatTensor[3, S, S] of one image or frame (``BadRecord`` when missing or undecodable)."""
+    def _video_file(self, fs: Any, path: str, shown: str, where: str) -> list[PILImage.Image]:
+        """``max_frames`` frames sampled uniformly from a video file, decoded with PyAV (imported here: an
+        optional extra). The frame count comes from the container when it says it, else from one counting pass."""
+        try:
+            import av
+        except ImportError as exc:
+            raise ChimeraError(
+                f"{where}: video '{shown}' is a file; decoding video files needs PyAV: pip install "
+                "'chimera-toolkit[video]' (pip install av), or give a folder of extracted frames"
+            ) from exc
+        try:
+            with fs.open(path, "rb") as f, av.open(f) as container:
+                n = int(container.streams.video[0].frames or 0)
+                if n <= 0:  # not in the header: count by decoding once
+                    n = sum(1 for _ in container.decode(video=0))
+                    container.seek(0)
+                wanted = set(uniform_indices(n, self.max_frames))
+                frames = [
+                    frame.to_image().convert("RGB")
+                    for i, frame in enumerate(container.decode(video=0))
+                    if i in wanted
+                ]
+        except ChimeraError:
+            raise
+        except Exception as exc:  # PyAV raises its own error types for unreadable containers and codecs
+            raise BadRecord(f"{where}: cannot decode video '{shown}': {type(exc).__name__}: {exc}") from exc
+        if not frames:
+            raise BadRecord(f"{where}: video '{shown}' has no decodable frames")
+        return frames
+
+    def _decode(
+        self, path: str | _FsPath | PILImage.Image, where: str, what: str = "image"
+    ) -> PILImage.Image:
+        """One image or frame as an RGB Pillow image at its own size (``BadRecord`` when missing or
+        undecodable); an already decoded video frame is returned as it is."""
         from PIL import Image
 
+        if isinstance(path, Image.Image):
+            return path
         if isinstance(path, _FsPath):
             fs, full, shown = path.fs, path.path, path.shown
         else:
@@ -587,7 +615,7 @@ class LlavaDataset(Dataset):
             raise
         except Exception as exc:  # Pillow raises many types for corrupt files (OSError, SyntaxError, ...)
             raise BadRecord(f"{where}: cannot decode {what} '{shown}': {type(exc).__name__}: {exc}") from exc
-        return to_tensor(image, self.image_size)
+        return image.convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -157,12 +157,12 @@ def store(request, tmp_path) -> Store:
 
 
 def dataset(records: list[Any], fmt: str = "jsonl", root: str | None = None, **kwargs: Any) -> LlavaDataset:
-    """A memory:// dataset of ``records`` (plus the image files), built with image_size S."""
+    """A memory:// dataset of ``records`` (plus the image files)."""
     name = f"train.{fmt}"
     url = f"{root or write_memory(files())}/{name}"
     with fsspec.open(url, "wb") as f:
         f.write(dump(records, fmt))
-    return LlavaDataset(url, image_size=S, **kwargs)
+    return LlavaDataset(url, **kwargs)
 
 
 def _identity(sample: Any) -> Any:  # module-level collate functions pickle under any start method
@@ -177,13 +177,19 @@ def flat(color: tuple[int, int, int]) -> torch.Tensor:
     return torch.tensor(color, dtype=torch.float32)[:, None, None].expand(3, S, S) / 255
 
 
+def px(images: list[Any]) -> torch.Tensor:
+    """The dataset's Pillow images (native sizes) squashed to S x S as a ``[n, 3, S, S]`` batch."""
+    assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
+    return torch.stack([to_tensor(im, S) for im in images])
+
+
 # -- reading -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
 def test_reads_every_record(store, fmt):
     url = store({**files(), f"train.{fmt}": dump(RECORDS, fmt)}, f"train.{fmt}")
-    ds = LlavaDataset(url, image_size=S, max_frames=8)
+    ds = LlavaDataset(url, max_frames=8)
     assert len(ds) == len(RECORDS)
     # a JSON list, or JSONL inside a (compressed) archive, is held in memory; other JSONL stays on disk
     assert (ds._index.blob is not None) == (fmt == "json" or url.startswith("zip://"))
@@ -191,40 +197,40 @@ def test_reads_every_record(store, fmt):
     assert list(by_id) == ["single", "multi", "multiturn", "video", "video_list", "video_and_image", "7"]
 
     single = by_id["single"]
-    assert single["images"].shape == (1, 3, S, S) and single["images"].dtype == torch.float32
-    torch.testing.assert_close(single["images"][0], flat(RED))
+    assert px(single["images"]).shape == (1, 3, S, S) and len(single["images"]) == 1
+    torch.testing.assert_close(px(single["images"])[0], flat(RED))
     assert single["conversations"] == RECORDS[0]["conversations"]
     assert single["skipped"] == 0
 
     multi = by_id["multi"]
-    assert multi["images"].shape == (2, 3, S, S)
-    torch.testing.assert_close(multi["images"][0], flat(GREEN))  # placeholder order
-    torch.testing.assert_close(multi["images"][1], flat(BLUE))
+    assert px(multi["images"]).shape == (2, 3, S, S)
+    torch.testing.assert_close(px(multi["images"])[0], flat(GREEN))  # placeholder order
+    torch.testing.assert_close(px(multi["images"])[1], flat(BLUE))
 
     multiturn = by_id["multiturn"]
-    assert multiturn["images"].shape == (1, 3, S, S)  # 40x20 resized to S x S
-    torch.testing.assert_close(multiturn["images"][0], flat(WHITE))
+    assert multiturn["images"][0].size == (40, 20)  # native size: the collator preprocesses
+    torch.testing.assert_close(px(multiturn["images"])[0], flat(WHITE))
     assert [t["from"] for t in multiturn["conversations"]] == ["human", "gpt", "human", "gpt"]
     assert multiturn["conversations"][2]["value"] == "Is it wide?"
 
     picked = [i + 1 for i in uniform_indices(N_FRAMES, 8)]  # frame numbers, natural order
     assert picked[0] == 1 and picked[-1] == N_FRAMES and len(picked) == 8
     video = by_id["video"]
-    assert video["images"].shape == (8, 3, S, S)
-    for frame, k in zip(video["images"], picked):
+    assert px(video["images"]).shape == (8, 3, S, S)
+    for frame, k in zip(px(video["images"]), picked):
         torch.testing.assert_close(frame, flat(gray(k)))
     assert video["conversations"][0]["value"] == " ".join(["<image>"] * 8) + "\nWhat happens?"
 
     video_list = by_id["video_list"]  # 3 frames <= max_frames: all kept, the single <image> expanded
-    assert video_list["images"].shape == (3, 3, S, S)
-    for frame, k in zip(video_list["images"], (1, 2, 3)):
+    assert px(video_list["images"]).shape == (3, 3, S, S)
+    for frame, k in zip(px(video_list["images"]), (1, 2, 3)):
         torch.testing.assert_close(frame, flat(gray(k)))
     assert video_list["conversations"][0]["value"] == "<image> <image> <image>\nDescribe."
 
     both = by_id["video_and_image"]  # frames first (the <video> comes first), then the image
-    assert both["images"].shape == (9, 3, S, S)
-    torch.testing.assert_close(both["images"][-1], flat(RED))
-    torch.testing.assert_close(both["images"][0], flat(gray(1)))
+    assert px(both["images"]).shape == (9, 3, S, S)
+    torch.testing.assert_close(px(both["images"])[-1], flat(RED))
+    torch.testing.assert_close(px(both["images"])[0], flat(gray(1)))
     assert both["conversations"][0]["value"].count("<image>") == 9
 
     text = by_id["7"]  # integer ids become strings
@@ -240,17 +246,17 @@ def test_image_root_and_absolute_urls(tmp_path):
     ]
     annotations = tmp_path / "ann.jsonl"  # annotations on disk, images on memory://
     annotations.write_bytes(dump(records, "jsonl"))
-    ds = LlavaDataset(f"file://{annotations}", image_size=S, image_root=images)
-    torch.testing.assert_close(ds[0]["images"][0], flat(BLUE))
-    torch.testing.assert_close(ds[1]["images"][0], flat(RED))
+    ds = LlavaDataset(f"file://{annotations}", image_root=images)
+    torch.testing.assert_close(px(ds[0]["images"])[0], flat(BLUE))
+    torch.testing.assert_close(px(ds[1]["images"])[0], flat(RED))
 
 
 def test_max_frames_and_limit():
     ds = dataset(RECORDS, max_frames=3, limit=4)
     assert len(ds) == 4
     video = ds[3]
-    assert video["images"].shape == (3, 3, S, S)
-    for frame, k in zip(video["images"], (1, 7, 12)):  # linspace(0, 11, 3) rounded: 0, 6, 11
+    assert px(video["images"]).shape == (3, 3, S, S)
+    for frame, k in zip(px(video["images"]), (1, 7, 12)):  # linspace(0, 11, 3) rounded: 0, 6, 11
         torch.testing.assert_close(frame, flat(gray(k)))
     assert ds[-1]["id"] == "video"
     with pytest.raises(IndexError):
@@ -275,7 +281,7 @@ def test_built_through_the_registry_and_collated():
     ds = registry.build(
         "dataset", {"name": "llava", "annotations": f"{root}/train.jsonl"}, "data.train", image_size=S
     )
-    assert isinstance(ds, LlavaDataset) and ds.image_size == S
+    assert isinstance(ds, LlavaDataset)  # image_size is derived for datasets that take it; llava does not
     with pytest.raises(ChimeraError, match="on_bad_sample"):
         node = {"name": "llava", "annotations": "x.jsonl", "on_bad_sample": "ignore"}
         registry.validate("dataset", node, "data.train", derived=("image_size",))
@@ -288,14 +294,15 @@ def test_built_through_the_registry_and_collated():
     words = [t["value"] for s in samples for t in s["conversations"]]
     tok = build_word_tokenizer([w.replace("<image>", " ") for w in words])
     for s in samples:
-        out = encode(s, tok, image_tokens=2, max_length=4096)
-        assert out["n_images"] == (0 if s["images"] is None else s["images"].shape[0])
+        n = 0 if s["images"] is None else len(s["images"])
+        out = encode(s, tok, image_tokens=[2] * n, max_length=4096)
+        assert out["n_images"] == n
 
 
 def test_pickles_and_reads_in_dataloader_workers(tmp_path):
     root = write_local(files(), tmp_path)
     (Path(root) / "train.jsonl").write_bytes(dump(RECORDS, "jsonl"))
-    ds = LlavaDataset(f"{root}/train.jsonl", image_size=S)
+    ds = LlavaDataset(f"{root}/train.jsonl")
     assert ds[0]["id"] == "single"  # opens the annotation file in this process
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._handles is None and clone[1]["id"] == "multi"
@@ -314,7 +321,7 @@ def test_jsonl_keeps_offsets_not_records(tmp_path):
     line = '{"id": "r%d", "conversations": [{"from": "human", "value": "q %d"}, {"from": "gpt", "value": "a"}]}\n'
     with open(path, "w") as f:
         f.writelines(line % (i, i) for i in range(n))
-    ds = LlavaDataset(str(path), image_size=S)
+    ds = LlavaDataset(str(path))
     assert len(ds) == n
     index = ds._index
     assert (
@@ -333,7 +340,7 @@ def test_blank_lines_are_dropped_and_line_numbers_kept():
     root = write_memory({})
     with fsspec.open(f"{root}/a.jsonl", "wb") as f:
         f.write(text.encode())
-    ds = LlavaDataset(f"{root}/a.jsonl", image_size=S)
+    ds = LlavaDataset(f"{root}/a.jsonl")
     assert len(ds) == 2 and ds[0]["id"] == "g"
     with pytest.raises(ChimeraError, match=r"a\.jsonl' line 5 \(id 'bad'\): 'conversations' is empty"):
         ds[1]
@@ -352,7 +359,7 @@ def test_json_list_is_held_as_one_buffer():
     root = write_memory({})
     with fsspec.open(f"{root}/a.json", "wb") as f:
         f.write(json.dumps(records, indent=1, ensure_ascii=False).encode())
-    ds = LlavaDataset(f"{root}/a.json", image_size=S, limit=3)
+    ds = LlavaDataset(f"{root}/a.json", limit=3)
     assert len(ds) == 3
     assert [ds[i]["id"] for i in range(3)] == ["ü0", "ü1", "ü2"]
     assert ds[2]["conversations"] == records[2]["conversations"]
@@ -430,7 +437,11 @@ BAD_CASES = [
         {"video": "videos/nope", "conversations": OK},
         r"video folder 'videos/nope' not found",
     ),
-    ("video is a file", {"video": "videos/movie.mp4", "conversations": OK}, r"is a file; only frame folders"),
+    (
+        "video file undecodable (or no PyAV)",
+        {"video": "videos/movie.mp4", "conversations": OK},
+        r"(video 'videos/movie\.mp4' is a file; decoding video files needs PyAV|cannot decode video 'videos/movie\.mp4')",
+    ),
     ("video without frames", {"video": "videos/empty", "conversations": OK}, r"holds no frame images"),
     (
         "missing frame",
@@ -462,7 +473,7 @@ def test_unparseable_lines():
     ]
     with fsspec.open(f"{root}/a.jsonl", "wb") as f:
         f.write("\n".join(lines).encode())
-    ds = LlavaDataset(f"{root}/a.jsonl", image_size=S)
+    ds = LlavaDataset(f"{root}/a.jsonl")
     with pytest.raises(
         ChimeraError, match=r"a\.jsonl' line 2: expected a JSON object \(a record\), got list"
     ):
@@ -506,10 +517,10 @@ def test_annotation_file_errors(content, message):
     with fsspec.open(f"{root}/a.json", "wb") as f:
         f.write(content)
     if message is None:
-        assert len(LlavaDataset(f"{root}/a.json", image_size=S)) == 1
+        assert len(LlavaDataset(f"{root}/a.json")) == 1
     else:
         with pytest.raises(ChimeraError, match=message):
-            LlavaDataset(f"{root}/a.json", image_size=S)
+            LlavaDataset(f"{root}/a.json")
 
 
 def _missing_backend() -> tuple[str, str]:
@@ -522,12 +533,12 @@ def _missing_backend() -> tuple[str, str]:
 
 def test_missing_annotations_and_backend():
     with pytest.raises(ChimeraError, match="file not found"):
-        LlavaDataset(f"memory://nothing-{uuid.uuid4().hex}/a.jsonl", image_size=S)
+        LlavaDataset(f"memory://nothing-{uuid.uuid4().hex}/a.jsonl")
     with pytest.raises(ChimeraError, match="Protocol not known"):
-        LlavaDataset("nosuchproto://bucket/a.jsonl", image_size=S)
+        LlavaDataset("nosuchproto://bucket/a.jsonl")
     protocol, package = _missing_backend()
     with pytest.raises(ChimeraError, match=rf"install {package} \(pip install {package}\)"):
-        LlavaDataset(f"{protocol}://bucket/llava/train.jsonl", image_size=S)
+        LlavaDataset(f"{protocol}://bucket/llava/train.jsonl")
 
 
 def test_s3_through_a_local_moto_server(monkeypatch):
@@ -546,10 +557,10 @@ def test_s3_through_a_local_moto_server(monkeypatch):
         fs.mkdir("llava-bucket")
         for rel, data in {**files(), "data/train.jsonl": dump(RECORDS, "jsonl")}.items():
             fs.pipe(f"llava-bucket/{rel if rel.startswith('data/') else 'data/' + rel}", data)
-        ds = LlavaDataset("s3://llava-bucket/data/train.jsonl", image_size=S, storage_options=options)
+        ds = LlavaDataset("s3://llava-bucket/data/train.jsonl", storage_options=options)
         assert len(ds) == len(RECORDS) and ds._index.blob is None
-        torch.testing.assert_close(ds[0]["images"][0], flat(RED))
-        assert ds[3]["images"].shape == (8, 3, S, S)  # a frame folder listed on S3
+        torch.testing.assert_close(px(ds[0]["images"])[0], flat(RED))
+        assert px(ds[3]["images"]).shape == (8, 3, S, S)  # a frame folder listed on S3
         assert ds[6]["images"] is None
     finally:
         server.stop()
@@ -570,7 +581,7 @@ def test_skip_returns_the_next_good_record_and_counts():
     assert ds.skipped == 1 and len(ds.skip_reasons) == 1
     assert "line 2 (id 'b1')" in ds.skip_reasons[0] and "not found" in ds.skip_reasons[0]
     again = ds[1]  # deterministic
-    assert again["id"] == "g1" and torch.equal(again["images"], first["images"]) and ds.skipped == 2
+    assert again["id"] == "g1" and torch.equal(px(again["images"]), px(first["images"])) and ds.skipped == 2
     assert ds[2]["id"] == "g1" and ds.skipped == 3
     assert "line 3 (id 'b2')" in ds.skip_reasons[-1] and "ends with a 'human' turn" in ds.skip_reasons[-1]
     assert ds[0]["skipped"] == 0 and ds[3]["skipped"] == 0 and ds.skipped == 3
@@ -602,7 +613,7 @@ def test_skip_counts_per_worker(tmp_path):
     bad = {"id": "b", "image": "images/nope.png", "conversations": OK}
     good = {"id": "g", "conversations": [human("q"), gpt("a")]}
     root = write_local({"train.jsonl": dump([good, bad, bad, good], "jsonl")}, tmp_path)
-    ds = LlavaDataset(f"{root}/train.jsonl", image_size=S, on_bad_sample="skip")
+    ds = LlavaDataset(f"{root}/train.jsonl", on_bad_sample="skip")
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=_sum_skipped)
     assert sum(loader) == 2 and ds.skipped == 0
 
@@ -613,5 +624,16 @@ def test_missing_backend_is_not_skipped():
         [{"id": "r", "image": f"{protocol}://bucket/x.png", "conversations": OK}], on_bad_sample="skip"
     )
     with pytest.raises(ChimeraError, match=f"install {package}"):
+        ds[0]
+    assert ds.skipped == 0
+
+
+def test_a_video_file_without_pyav_is_an_error_even_under_skip(monkeypatch):
+    """A missing optional dependency is not bad data: it must not be skipped sample after sample."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    ds = dataset([{"id": "v", "video": "videos/movie.mp4", "conversations": OK}], on_bad_sample="skip")
+    with pytest.raises(ChimeraError, match=r"needs PyAV: pip install 'chimera-toolkit\[video\]'"):
         ds[0]
     assert ds.skipped == 0

@@ -194,7 +194,10 @@ def test_labels_are_exactly_the_assistant_spans(tokenizer_dir, layout):
     samples = [data[i] for i in range(len(data))]
     assert [s["id"] for s in samples] == list(N_IMAGES)
     K = 3
-    batch = Collator(tok, K, 512, template={"name": "vicuna_v1", "layout": layout})(samples)
+    from toolkit.data.vision import VisionProcessor
+
+    vision = VisionProcessor.plain(16, K)  # the llava dataset hands Pillow images to the vision path
+    batch = Collator(tok, K, 512, template={"name": "vicuna_v1", "layout": layout}, vision=vision)(samples)
     assert batch["images"].shape[0] == sum(N_IMAGES.values())
     image_id = tok.convert_tokens_to_ids(IMAGE)
     for i, sample in enumerate(samples):

@@ -95,14 +95,26 @@ def test_step_counts_travel_as_one_tensor_in_field_order():
         sum_sq_lengths=torch.tensor(208.0, dtype=torch.float64),
         truncated=torch.tensor(1),
         skipped=3,
+        over_budget=torch.tensor(2),
     )
     vector = counts.to_tensor()
-    assert vector.dtype == torch.float64 and vector.tolist() == [7.0, 3.5, 2.0, 3.0, 20.0, 208.0, 1.0, 3.0]
+    assert vector.dtype == torch.float64 and vector.tolist() == [
+        7.0,
+        3.5,
+        2.0,
+        3.0,
+        20.0,
+        208.0,
+        1.0,
+        3.0,
+        2.0,
+    ]
     back = StepCounts.from_tensor(vector + vector)  # what summing micro-batches or ranks does
-    assert back == StepCounts(14.0, 7.0, 4.0, 6.0, 40.0, 416.0, 2.0, 6.0)
+    assert back == StepCounts(14.0, 7.0, 4.0, 6.0, 40.0, 416.0, 2.0, 6.0, 4.0)
     assert back.text_tokens == 40.0 and back.images == 6.0 and back.truncated == 2.0 and back.skipped == 6.0
-    with pytest.raises(ValueError, match="expected a vector of 8 counts"):
-        StepCounts.from_tensor(vector[:7])
+    assert back.over_budget == 4.0
+    with pytest.raises(ValueError, match="expected a vector of 9 counts"):
+        StepCounts.from_tensor(vector[:8])
 
 
 # -- FlopsModel -------------------------------------------------------------------------------------------

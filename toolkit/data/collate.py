@@ -22,6 +22,7 @@ from toolkit.data.markup import IMAGE
 from toolkit.data.template import Encoded, build_template, check_markers, forbidden_markup, template_name
 from toolkit.data.tokenizer import image_token_id
 from toolkit.errors import ChimeraError
+from toolkit.token_plan import LAYOUT_FIELDS
 
 IGNORE_INDEX = -100
 # A minimal conversation every template must be able to mask (checked when a collator is built).
@@ -48,7 +49,7 @@ def _images(sample: Mapping[str, Any], where: str) -> torch.Tensor | None:
 def encode(
     sample: Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
-    image_tokens: int,
+    image_tokens: int | Sequence[int],
     max_length: int,
     where: str = "",
     template: Any = None,
@@ -60,7 +61,8 @@ def encode(
             optionally ``"frames": [[i0, i1, ...], ...]``: which images are the frames of one video (the
             template's layout writes them as a video; ``toolkit.data.template``).
         tokenizer: a tokenizer from ``toolkit.data.load_tokenizer``.
-        image_tokens: tokens one image produces after encoder, pooler and connector.
+        image_tokens: tokens one image produces after encoder, pooler and connector; or one count per image
+            (the token plan's, ``toolkit.token_plan``: AnyRes images and frames differ), in placeholder order.
         max_length: longest sequence kept; text past it is cut, but never an image's token block.
         where: prefix naming the dataset in errors (e.g. ``"data.train"``).
         template: a built template, a ``data.template`` node or a name (None: ``vicuna_v1``); build it once
@@ -72,16 +74,21 @@ def encode(
     The labels are checked: the tokens marked as targets must be exactly the tokens of the assistant answers
     (with their end-of-turn token) as the template wrote them; anything else is an error naming the sample.
     """
-    if image_tokens < 1:
-        raise ChimeraError(f"image_tokens must be >= 1, got {image_tokens}")
     sid = sample.get("id", "?") if isinstance(sample, Mapping) else "?"
     where = f"{where + ' ' if where else ''}sample '{sid}'"
     if not isinstance(sample, Mapping) or "conversations" not in sample:
         raise ChimeraError(
             f"{where}: expected a mapping with 'conversations' (and optionally 'id', 'images')"
         )
-    images = _images(sample, where)
-    n_images = 0 if images is None else images.shape[0]
+    if isinstance(image_tokens, Sequence):
+        per_image = [int(n) for n in image_tokens]  # counted by the caller (the token plan)
+        n_images = len(per_image)
+    else:
+        images = _images(sample, where)
+        n_images = 0 if images is None else images.shape[0]
+        per_image = [int(image_tokens)] * n_images
+    if any(n < 1 for n in per_image) or (not isinstance(image_tokens, Sequence) and image_tokens < 1):
+        raise ChimeraError(f"image_tokens must be >= 1, got {image_tokens}")
 
     template = build_template(template)
     frames = sample.get("frames")
@@ -100,10 +107,11 @@ def encode(
     labels: list[int] = []
     n_placeholders = 0
     for t, is_target in zip(encoded.ids, encoded.mask):
-        if t == img_id:  # one placeholder -> image_tokens slots, never targets
+        if t == img_id:  # one placeholder -> that image's slots, never targets
+            n = per_image[n_placeholders] if n_placeholders < n_images else 0
             n_placeholders += 1
-            input_ids.extend([img_id] * image_tokens)
-            labels.extend([IGNORE_INDEX] * image_tokens)
+            input_ids.extend([img_id] * n)
+            labels.extend([IGNORE_INDEX] * n)
         else:
             input_ids.append(t)
             labels.append(t if is_target else IGNORE_INDEX)
@@ -119,7 +127,7 @@ def encode(
         last_image = length - 1 - input_ids[::-1].index(img_id) if n_images else -1
         if last_image >= max_length:
             raise ChimeraError(
-                f"{where}: {length} tokens ({n_images} images x {image_tokens} tokens) exceed "
+                f"{where}: {length} tokens ({n_images} images, {sum(per_image)} image tokens) exceed "
                 f"data.max_length={max_length} and truncating would cut through an image; "
                 f"raise data.max_length to at least {length} (or use fewer tokens per image)"
             )
@@ -190,12 +198,19 @@ class Collator:
         image_tokens: slots reserved per ``<image>``; max_length: see ``encode``.
         where: names the dataset in errors (``"data.train"``).
         template: the prompt template (a built one, a ``data.template`` node or a name; None: ``vicuna_v1``).
+        vision: the vision data path (``toolkit.data.vision.VisionProcessor``): every image of every dataset
+            is preprocessed, tiled and counted by it, here in the loader's workers. None: images must already
+            be ``[n, 3, H, W]`` tensors of one size, ``image_tokens`` each.
 
     Returns:
         ``input_ids``: LongTensor[B, T] (right-padded with the pad id);
         ``labels``: LongTensor[B, T] (``-100`` on prompts, image slots and padding; not shifted);
         ``attention_mask``: LongTensor[B, T] (1 on real tokens);
-        ``images``: FloatTensor[N, 3, H, W], all images of the batch in placeholder order, or None if none;
+        ``images``: FloatTensor[N, 3, H, W], all images of the batch in placeholder order, or None if none
+        (with ``vision``: all VIEWS, an AnyRes image giving its global view then its tiles);
+        ``image_layout``: LongTensor[n_images, 6] (with ``vision`` only): one token-plan row per image,
+        ``(views, rows, cols, width, height, frame)``, which the model lays the features out by;
+        ``n_over_budget``: LongTensor[], samples the ``data.over_budget`` policy reduced (``data/over_budget``);
         ``n_truncated``: LongTensor[], how many samples of the batch were cut at ``max_length`` (summed over
         batches, it is the ``data/truncated`` count; it travels in the batch because collation runs in the
         loader's worker processes);
@@ -210,6 +225,7 @@ class Collator:
         max_length: int,
         where: str = "",
         template: Any = None,
+        vision: Any = None,
     ):
         if tokenizer.pad_token_id is None:
             raise ChimeraError("tokenizer has no pad token; build it with toolkit.data.load_tokenizer")
@@ -219,6 +235,7 @@ class Collator:
         self.max_length = int(max_length)
         self.where = where
         self.template = build_template(template)
+        self.vision = vision
         check_markers(self.template, tokenizer)  # a layout marker the tokenizer would split into text
         # fail now, not in a worker: a template that cannot mask a minimal conversation with this tokenizer
         encode(
@@ -231,10 +248,35 @@ class Collator:
         )
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if self.vision is not None:
+            return self._collate_vision(samples)
         encoded = [
             encode(s, self.tokenizer, self.image_tokens, self.max_length, self.where, self.template)
             for s in samples
         ]
+        batch = self._pad(encoded, samples)
+        batch["images"] = self._images(samples)
+        return batch
+
+    def _collate_vision(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Every sample through the vision path (views, token plan, budget), then tokenised with its counts."""
+        prefix = f"{self.where} " if self.where else ""
+        done = [self.vision(s, f"{prefix}sample '{s.get('id', '?')}'") for s in samples]
+        encoded = [
+            encode(p.sample, self.tokenizer, p.tokens, self.max_length, self.where, self.template)
+            for p in done
+        ]
+        batch = self._pad(encoded, samples)
+        views = [p.views for p in done if p.views is not None]
+        rows = [r for p in done for r in p.rows]
+        batch["images"] = torch.cat(views) if views else None
+        batch["image_layout"] = (
+            torch.tensor(rows, dtype=torch.long).reshape(-1, LAYOUT_FIELDS) if rows else None
+        )
+        batch["n_over_budget"] = torch.tensor(sum(p.over_budget for p in done), dtype=torch.long)
+        return batch
+
+    def _pad(self, encoded: list[dict[str, Any]], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         B, T = len(encoded), max(e["input_ids"].shape[0] for e in encoded)
         input_ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -248,7 +290,6 @@ class Collator:
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
-            "images": self._images(samples),
             "n_truncated": torch.tensor(sum(e["truncated"] for e in encoded), dtype=torch.long),
             "n_skipped": torch.tensor(sum(int(s.get("skipped", 0)) for s in samples), dtype=torch.long),
         }

@@ -159,8 +159,13 @@ class ChimeraDataModule(L.LightningDataModule):
         seed: seeds the training order (``seed + epoch``); dataset nodes keep their own ``seed``.
         template: the prompt template, a ``data.template`` node ``{name: ..., **kwargs}``, a name, or a built
             template; None is ``vicuna_v1``. Built (and checked) here, before any loader exists.
+        vision: the vision data path (``toolkit.data.vision.VisionProcessor``, from the model's token plan and
+            the encoder's data config): preprocessing, AnyRes tiles, per-image token counts and the token
+            budget, run by the collator in the workers. None: one view per image, a bicubic resize to
+            ``image_size`` and ``image_tokens`` each (``VisionProcessor.plain``).
 
-    Every batch carries ``n_truncated``, the number of its samples cut at ``max_length`` (see ``Collator``).
+    Every batch carries ``n_truncated``, the number of its samples cut at ``max_length``, and with ``vision``
+    ``n_over_budget``, those the token budget reduced (see ``Collator``).
     """
 
     def __init__(
@@ -177,6 +182,7 @@ class ChimeraDataModule(L.LightningDataModule):
         max_length: int = 512,
         seed: int = 0,
         template: Any = None,
+        vision: Any = None,
     ):
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -194,6 +200,11 @@ class ChimeraDataModule(L.LightningDataModule):
         self.max_length = int(max_length)
         self.seed = int(seed)
         self.template = build_template(template, "data.template")
+        if vision is None:  # every dataset's images still go through the one vision path
+            from toolkit.data.vision import VisionProcessor
+
+            vision = VisionProcessor.plain(image_size, image_tokens)
+        self.vision = vision
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
@@ -233,7 +244,12 @@ class ChimeraDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=Collator(
-                self.tokenizer, self.image_tokens, self.max_length, where=where, template=self.template
+                self.tokenizer,
+                self.image_tokens,
+                self.max_length,
+                where=where,
+                template=self.template,
+                vision=self.vision,
             ),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
