@@ -386,6 +386,8 @@ def load_config(
     sources = Sources(str(path))
     user = _load_with_bases(path, sources)
     over = parse_overrides(overrides)
+    for extra in _command_line_bases(over.pop("base", None)):  # base=FILE: that file over this one
+        user = merge(user, _load_with_bases(extra, sources))
     sources.record(over, COMMAND_LINE)
     user = merge(user, over)
     if validate:
@@ -401,6 +403,26 @@ def load_config(
     if validate:
         check_components(conf, sources, search=(str(path.parent), "."))
     return (conf, sources) if with_sources else conf
+
+
+def _command_line_bases(value: Any) -> list[Path]:
+    """``base=FILE`` or ``base=[A,B]`` on the command line: experiment files (relative to the working
+    directory) merged over the experiment file, in order, before the other overrides: the command-line form of
+    a file whose ``base:`` lists the experiment and then these."""
+    if value is None:
+        return []
+    names = value if isinstance(value, list) else [value]
+    out = []
+    for name in names:
+        file = Path(str(name))
+        if not isinstance(name, str) or not file.is_file():
+            raise ChimeraError(
+                f"command line: base={name}: not an experiment file (looked for {file.resolve()}); base= "
+                "names YAML files, relative to the working directory",
+                key="base",
+            )
+        out.append(file.resolve())
+    return out
 
 
 def run_name(path: Path, overrides: Sequence[str]) -> str:

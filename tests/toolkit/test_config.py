@@ -120,3 +120,17 @@ def test_cli_user_error_exits_2_with_one_line(tiny_experiment):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.pooler.strid" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_base_on_the_command_line_merges_that_file_over_the_experiment(tmp_path, monkeypatch):
+    """`chimera train A.yaml base=B.yaml` = a file with `base: [A.yaml, B.yaml]` (B's keys win, the
+    other overrides win over both); a missing file is an error naming it, not a silently ignored key."""
+    write(tmp_path / "a.yaml", {"model": TINY_MODEL, "optim": {"lr": 0.1, "weight_decay": 0.5}, "seed": 3})
+    (tmp_path / "b.yaml").write_text("optim: {lr: 0.2}\n")
+    (tmp_path / "both.yaml").write_text("base: [a.yaml, b.yaml]\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "a.yaml", ["base=b.yaml", "seed=4"])
+    both = load_config(tmp_path / "both.yaml", ["seed=4"])
+    assert cfg.optim.lr == both.optim.lr == 0.2 and cfg.optim.weight_decay == 0.5 and cfg.seed == 4
+    with pytest.raises(ChimeraError, match=r"base=missing.yaml: not an experiment file"):
+        load_config(tmp_path / "a.yaml", ["base=missing.yaml"])
