@@ -12,7 +12,7 @@ part to the next (the pooler gets the encoder's patch grid, the connector the en
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from toolkit.errors import ChimeraError
 from toolkit.registry import build
+from toolkit.token_plan import ImageNewline, TokenPlan, VisionSettings
 
 PARTS = ("encoder", "pooler", "connector", "decoder")
 
@@ -36,11 +37,25 @@ class MultimodalModel(nn.Module):
         *,
         image_token_id: int,
         pool_after_connector: bool = False,
+        vision: VisionSettings | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.pooler, self.connector, self.decoder = encoder, pooler, connector, decoder
         self.image_token_id = image_token_id
         self.pool_after_connector = pool_after_connector  # LLaVA-NeXT-Video pools after the projector
+        # The token plan (toolkit/token_plan.py): the collator counts image slots with the same object.
+        if pool_after_connector or getattr(connector, "num_tokens", None) is None:
+            view_grid = getattr(pooler, "out_grid", None)
+        else:
+            view_grid = getattr(connector, "out_grid", None)
+        self.token_plan = TokenPlan(
+            int(encoder.image_size),
+            self.image_tokens,
+            tuple(view_grid) if view_grid is not None else None,
+            vision or VisionSettings(),
+        )
+        s = self.token_plan.settings
+        self.image_newline = ImageNewline(decoder.d_model) if s.anyres and s.newline else None
 
     @property
     def image_tokens(self) -> int:
@@ -55,56 +70,92 @@ class MultimodalModel(nn.Module):
             return self.pooler(self.connector(feats))  # [N, P', d_model]
         return self.connector(self.pooler(feats))  # [N, P', d_model]
 
-    def embed(self, input_ids: Tensor, images: Tensor | None = None) -> Tensor:
-        """Text embeddings with image features written at the image-token positions. -> [B, T, d_model]."""
+    def embed(
+        self, input_ids: Tensor, images: Tensor | None = None, image_layout: Tensor | None = None
+    ) -> Tensor:
+        """Text embeddings with image features written at the image-token positions. -> [B, T, d_model].
+
+        images: [V, 3, H, W], every view of the batch (one encoder call). image_layout: [N, 6] token-plan rows
+        (the collator's; None: each view is one image of ``image_tokens`` tokens).
+        """
         embeds = self.decoder.embed(input_ids)  # [B, T, D]
         is_image = input_ids == self.image_token_id  # [B, T]
         n_slots = int(is_image.sum())
-        n_images = 0 if images is None else images.shape[0]
-        if n_slots != n_images * self.image_tokens:
+        n_views = 0 if images is None else images.shape[0]
+        if image_layout is None:
+            expected = n_views * self.image_tokens
+            what = f"{n_views} images x {self.image_tokens} tokens = {expected}"
+        else:
+            expected = sum(self.token_plan.tokens(r) for r in image_layout.tolist())
+            what = f"{image_layout.shape[0]} images whose token plan gives {expected} tokens"
+        if n_slots != expected:
             raise ChimeraError(
-                f"the batch has {n_slots} image-token positions but {n_images} images x {self.image_tokens} "
-                f"tokens = {n_images * self.image_tokens}; every <image> placeholder needs exactly one image"
+                f"the batch has {n_slots} image-token positions but {what}; every <image> placeholder needs "
+                "exactly one image, with the slots the token plan gives it"
             )
-        if n_images == 0:
+        if n_views == 0:
             return embeds
-        feats = self.encode_images(images).to(embeds.dtype)  # [N, P', D]
+        feats = self.encode_images(images).to(embeds.dtype)  # [V, P', D]
+        plan = self.token_plan
+        if image_layout is not None and (  # AnyRes images or pooled frames: lay them out
+            bool(image_layout[:, 1].any()) or (plan.frame_grid is not None and bool(image_layout[:, 5].any()))
+        ):
+            newline = self.image_newline() if self.image_newline is not None else None
+            feats = plan.arrange(feats, image_layout, newline)  # [sum of tokens, D]
         mask = is_image.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, feats.reshape(-1))
 
     def forward(
-        self, input_ids: Tensor, images: Tensor | None = None, cache: list[Any] | None = None
-    ) -> Tensor:
-        """input_ids: [B, T], images: [N, 3, H, W] -> logits [B, T, vocab]."""
-        hidden = self.decoder(self.embed(input_ids, images), cache=cache)  # [B, T, D]
-        return self.decoder.logits(hidden)
-
-    @torch.no_grad()
-    def generate(
         self,
         input_ids: Tensor,
         images: Tensor | None = None,
+        cache: list[Any] | None = None,
+        image_layout: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids: [B, T], images: [V, 3, H, W] (image_layout: see ``embed``) -> logits [B, T, vocab]."""
+        hidden = self.decoder(self.embed(input_ids, images, image_layout), cache=cache)  # [B, T, D]
+        return self.decoder.logits(hidden)
+
+    def generate(
+        self,
+        input_ids: Tensor | Sequence[Sequence[int]],
+        images: Tensor | None = None,
         *,
         max_new_tokens: int = 32,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Callable[[Tensor], Any] | None = None,
+        image_layout: Tensor | None = None,
     ) -> Tensor:
-        """Greedy decoding with the decoder's hybrid cache: one prefill, then one token per step.
+        """Decode with the decoder's cache: one prefill over the prompts, then one token per step (greedy at
+        ``temperature`` 0, else nucleus sampling; ``toolkit/generate.py``).
 
-        input_ids: [B, T] (left-aligned prompts of equal length) -> [B, T + n] (n <= max_new_tokens).
+        input_ids: [B, T], or a list of prompts of different lengths (left-padded with ``pad_token_id``; the
+        padding changes nothing a row computes). ``streamer`` is called with each step's tokens [B].
+        images / image_layout: as for ``embed`` (``toolkit.generate.prepare_images`` builds both).
+        Returns [B, T' + n]: the (padded) prompts, then n <= max_new_tokens tokens, ``pad_token_id`` after a
+        row's ``eos_token_id``.
         """
-        B, T = input_ids.shape
-        cache = self.decoder.allocate_cache(B, T + max_new_tokens, device=input_ids.device)
-        logits = self(input_ids, images, cache=cache)[:, -1]  # [B, V]
-        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1)  # [B]
-            out.append(token[:, None])
-            if eos_token_id is not None:
-                done |= token == eos_token_id
-                if bool(done.all()):
-                    break
-            logits = self.decoder.logits(self.decoder(self.decoder.embed(token[:, None]), cache=cache))[:, -1]
-        return torch.cat(out, dim=1)
+        from toolkit.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            images,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            generator=generator,
+            streamer=streamer,
+            image_layout=image_layout,
+        ).sequences
 
 
 def build_model(
@@ -162,7 +213,13 @@ def build_model(
             key="model.pool_after_connector",
         )
     model = MultimodalModel(
-        encoder, pooler, connector, decoder, image_token_id=image_token_id, pool_after_connector=pool_after
+        encoder,
+        pooler,
+        connector,
+        decoder,
+        image_token_id=image_token_id,
+        pool_after_connector=pool_after,
+        vision=VisionSettings.from_config(model_cfg.get("vision")),
     )
     if load_init:
         if model_cfg.get("init") is not None:

@@ -144,14 +144,33 @@ class HybridDecoder(nn.Module):
         *,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        pad: Tensor | None = None,
     ) -> list[Any]:
-        """One state per layer: a KV cache for attention, conv+SSM states for Mamba, None without a mixer."""
-        return [
+        """One state per layer: a KV cache for attention, conv+SSM states for Mamba, None without a mixer.
+
+        ``pad`` ([batch_size] integers): row b of the batch starts with ``pad[b]`` positions of left padding
+        (prompts of different lengths). Each state gets it (``state.pad``): attention masks those keys and
+        starts RoPE after them, the SSMs keep their state zero through them. The padding goes through in the
+        prefill (one forward of the padded prompts); decoding steps are real tokens.
+        """
+        states = [
             layer.mixer.allocate_cache(batch_size, max_len, device=device, dtype=dtype)
             if layer.mixer
             else None
             for layer in self.layers
         ]
+        if pad is not None and bool((pad > 0).any()):
+            pad = pad.to(device=device or self.lm_head.weight.device, dtype=torch.long)
+            for i, state in enumerate(states):
+                if state is None:
+                    continue
+                if not hasattr(state, "pad"):
+                    raise ChimeraError(
+                        f"layer {i}: mixer '{type(self.layers[i].mixer).__name__}' has no left-padding support "
+                        "(its state has no 'pad'); generate prompts of equal length, or one at a time"
+                    )
+                state.pad = pad
+        return states
 
     def forward(self, inputs_embeds: Tensor, cache: list[Any] | None = None) -> Tensor:
         """inputs_embeds: [B, T, d_model] -> final hidden states [B, T, d_model] (after the last norm)."""

@@ -7,6 +7,11 @@ scaling LLaVA-NeXT-Video uses to double the usable context; ``llama3`` (Llama 3.
 arXiv 2309.00071) rescale the frequencies band by band, reading their extra numbers from ``rope_params``
 exactly as transformers' ``modeling_rope_utils`` does. ``qkv_bias`` gives q/k/v (not o) a bias, as Qwen2 has;
 ``sliding_window`` limits each query to the last ``sliding_window`` keys (Mistral).
+
+Left padding (batched generation of prompts of different lengths): ``KVCache.pad`` holds each row's number of
+padding positions; their keys are masked for every query, and RoPE positions count from the row's first real
+token, so each row computes what it would alone. A padded query sees only its own key (a fully masked row would
+make NaNs that later layers would carry).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class KVCache:
     k: Tensor  # [B, n_kv_heads, max_len, head_dim]
     v: Tensor  # [B, n_kv_heads, max_len, head_dim]
     length: int = 0
+    pad: Tensor | None = None  # [B] left-padding positions of each row (None: no padding)
 
 
 ROPE_TYPES = ("linear", "llama3", "yarn")
@@ -218,9 +224,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         past = state.length if state is not None else 0
+        pad = state.pad if state is not None else None  # [B] or None
         if self.pos_emb == "rope":
             positions = torch.arange(past, past + L, device=x.device)
-            cos, sin = self._cos_sin(positions, q.dtype)
+            if pad is None:
+                cos, sin = self._cos_sin(positions, q.dtype)  # [L, D]
+            else:  # each row's positions start at its first real token: [B, 1, L, D]
+                cos, sin = self._cos_sin((positions - pad[:, None]).flatten(), q.dtype)
+                cos, sin = cos.view(B, 1, L, -1), sin.view(B, 1, L, -1)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if state is not None:
@@ -240,6 +251,14 @@ class Attention(nn.Module):
                 past + L, device=x.device
             )
             mask, causal = (offset >= 0) & (offset < self.sliding_window), False  # [L, past + L]
+        if pad is not None:
+            keys = torch.arange(past + L, device=x.device)[None, :]  # [1, past + L]
+            queries = torch.arange(past, past + L, device=x.device)[:, None]  # [L, 1]
+            if mask is None:  # causal (or, for one query, everything so far) as an explicit mask
+                mask = keys <= queries  # [L, past + L]
+            own = keys == queries
+            real = (keys >= pad[:, None])[:, None, :]  # [B, 1, past + L]
+            mask, causal = (mask & (real | own)).unsqueeze(1), False  # [B, 1, L, past + L]
         if self.n_kv_heads != self.n_heads:  # expand KV heads (portable across torch versions and backends)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

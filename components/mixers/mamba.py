@@ -18,6 +18,12 @@ function that cannot run (a mamba-ssm / causal-conv1d version mismatch) use ``ca
 ``never``, or sizes the kernels refuse: d_conv outside 2-4, d_state above 256) the pure-PyTorch path
 (``causal_conv.py``, ``selective_scan.py``) computes the same math (fp32 scan) with the same parameters.
 Packed sequences (``seq_idx``) are not supported: mamba_ssm's Mamba-1 scan has no such argument.
+
+Inference (no gradient needed): the PyTorch path convolves in sequence-major layout (``causal_conv1d_seq``) and
+scans with ``selective_scan``'s forward-only path; one token updates the state in place. Left padding
+(``state.pad``, batched generation): the padded positions' conv inputs and time steps are zeroed, so the state
+stays exactly zero through them (``exp(0 * A) = 1``, no input) and the conv window of the first real token
+sees zeros, as at the start of a sequence.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
+from components.mixers.causal_conv import causal_conv1d, causal_conv1d_seq, conv_step, last_inputs
 from components.mixers.kernels import (
     check_use_kernels,
     conv_input,
@@ -39,8 +45,8 @@ from components.mixers.kernels import (
     mamba1_kernels,
     select_kernels,
 )
-from components.mixers.selective_scan import selective_scan
-from components.mixers.ssm_state import SSMState, keep_last_state
+from components.mixers.selective_scan import LOG2E, selective_scan
+from components.mixers.ssm_state import SSMState, keep_last_state, valid_positions
 from toolkit.registry import register
 
 
@@ -173,28 +179,35 @@ class Mamba(nn.Module):
         L == 1 one decoding step.
         """
         kernels = select_kernels(self.use_kernels, mamba1_kernels, x, "mamba", self.kernel_limits)
+        valid = valid_positions(state, x.shape[1])  # [B, L] False at left padding, or None
         if state is not None and x.shape[1] == 1:
             out = self._step(x[:, 0], state, kernels)
         elif kernels is not None and (state is None or state.seqlen_offset == 0):
-            out = self._forward_kernels(x, state, kernels)
+            out = self._forward_kernels(x, state, kernels, valid)
         else:
-            out = self._forward_torch(x, state)
+            out = self._forward_torch(x, state, valid)
         if state is not None:
             state.seqlen_offset += x.shape[1]
         return out
 
-    def _forward_torch(self, x: Tensor, state: MambaState | None) -> Tensor:
+    def _forward_torch(self, x: Tensor, state: MambaState | None, valid: Tensor | None = None) -> Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, d_inner] each
-        xs_t = xs.transpose(1, 2)  # [B, d_inner, L]
+        if valid is not None:  # left padding: no conv input (masked_fill: whatever the padded rows hold)
+            xs = xs.masked_fill(~valid.unsqueeze(-1), 0.0)
         weight = self.conv1d.weight.squeeze(1)
-        if state is None:
-            u = causal_conv1d(xs_t, weight, self.conv1d.bias)
+        prefix = None if state is None else state.conv_state[..., 1:]
+        if self._needs_grad(x):
+            u = causal_conv1d(xs.transpose(1, 2), weight, self.conv1d.bias, prefix=prefix)  # [B, d_inner, L]
+            u = u.transpose(1, 2)  # [B, L, d_inner]
         else:
-            u = causal_conv1d(xs_t, weight, self.conv1d.bias, prefix=state.conv_state[..., 1:])
-            state.conv_state.copy_(last_inputs(xs_t, state.conv_state))
-        u = u.transpose(1, 2)  # [B, L, d_inner]
+            u = causal_conv1d_seq(xs, weight, self.conv1d.bias, prefix=prefix)  # [B, L, d_inner]
+        if state is not None:
+            state.conv_state.copy_(last_inputs(xs.transpose(1, 2), state.conv_state))
         dt, B, C = self._dt_B_C(u)
         A = -torch.exp(self.A_log.float())
+        bias, softplus = self.dt_proj.bias, True
+        if valid is not None:  # time step 0 at the padding: the state passes through unchanged (zero)
+            dt, bias, softplus = self._padded_dt(dt, valid), None, False
         result = selective_scan(
             u,
             dt,
@@ -203,15 +216,27 @@ class Mamba(nn.Module):
             C,
             self.D,
             z,
-            delta_bias=self.dt_proj.bias,
-            delta_softplus=True,
+            delta_bias=bias,
+            delta_softplus=softplus,
             initial_state=state.ssm_state if state is not None and state.seqlen_offset > 0 else None,
             return_last_state=state is not None,
         )
         return self.out_proj(keep_last_state(result, state))
 
-    def _forward_kernels(self, x: Tensor, state: MambaState | None, k) -> Tensor:
-        """mamba_ssm's CUDA path (``Mamba.forward``); a fresh ``state`` is filled as mamba_ssm's prefill does."""
+    def _needs_grad(self, x: Tensor) -> bool:
+        """Whether this forward builds an autograd graph (training); otherwise the inference paths run."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+
+    def _padded_dt(self, dt: Tensor, valid: Tensor) -> Tensor:
+        """softplus(dt + dt_bias) in fp32, exactly 0 where ``valid`` is False ([B, L, d_inner])."""
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+        return delta.masked_fill_(~valid.unsqueeze(-1), 0.0)
+
+    def _forward_kernels(self, x: Tensor, state: MambaState | None, k, valid: Tensor | None = None) -> Tensor:
+        """mamba_ssm's CUDA path (``Mamba.forward``); a fresh ``state`` is filled as mamba_ssm's prefill does
+        (with left padding ``valid``: zero conv inputs and time steps there, as on the PyTorch path)."""
         seqlen = x.shape[1]
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2*d_inner, L]
         A = -torch.exp(self.A_log.float())
@@ -236,12 +261,17 @@ class Mamba(nn.Module):
                 delta_softplus=True,
             )
         xs, z = xz.chunk(2, dim=1)
+        if valid is not None:
+            xs = xs.masked_fill(~valid.unsqueeze(1), 0.0)
         if state is not None:
             state.conv_state.copy_(F.pad(xs, (self.d_conv - seqlen, 0)))
         # xs is a channel-last view: passed as is when the channel-last kernel can read it (d_inner % 8 == 0),
         # else as a channel-first copy, which has no constraint (kernels.conv_input)
         u = k.causal_conv1d_fn(conv_input(xs), weight, self.conv1d.bias, activation="silu")  # [B, d_inner, L]
         dt, B, C = self._dt_B_C(u.transpose(1, 2))
+        bias, softplus = self.dt_proj.bias.float(), True
+        if valid is not None:  # the kernel reads delta in u's dtype
+            dt, bias, softplus = self._padded_dt(dt, valid).to(u.dtype), None, False
         result = k.selective_scan_fn(
             u,
             dt.transpose(1, 2).contiguous(),
@@ -250,14 +280,16 @@ class Mamba(nn.Module):
             C.transpose(1, 2).contiguous(),
             self.D.float(),
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
+            delta_bias=bias,
+            delta_softplus=softplus,
             return_last_state=state is not None,
         )
         return self.out_proj(keep_last_state(result, state).transpose(1, 2))  # y: [B, d_inner, L]
 
     def _step(self, x: Tensor, state: MambaState, k) -> Tensor:
         """One token. x: [B, d_model] -> [B, 1, d_model]; updates ``state`` in place (mamba_ssm's ``step``)."""
+        if k is None and state.ssm_state.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self._step_torch(x, state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, d_inner]
         weight = self.conv1d.weight.squeeze(1)
         if k is not None:
@@ -268,18 +300,57 @@ class Mamba(nn.Module):
         else:
             u = conv_step(xs, state.conv_state, weight, self.conv1d.bias)
         dt, B, C = self._dt_B_C(u)
-        A = -torch.exp(self.A_log.float())
         if k is not None and k.selective_state_update is not None:
+            A = -torch.exp(self.A_log.float())
             y = k.selective_state_update(
                 state.ssm_state, u, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True
             )
         else:
             if k is not None:
                 log_path_once("mamba", "PyTorch one-token step", "selective_state_update (Triton) is missing")
+            # exp(dt A) as exp2(dt A log2 e): torch's exp hands tensors above 2048 elements to a thread pool
+            # (MKL VML), which costs more than the math for one token, and stalls on a busy machine
+            A2 = torch.exp2(self.A_log.float() * LOG2E).mul_(-LOG2E)  # A * log2(e), [d_inner, d_state]
             dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # [B, d_inner]
-            h = state.ssm_state.float() * torch.exp(dt.unsqueeze(-1) * A)
-            h = h + (dt * u.float()).unsqueeze(-1) * B.float().unsqueeze(1)
-            state.ssm_state.copy_(h)
-            y = torch.einsum("bdn,bn->bd", h, C.float()) + u.float() * self.D.float()
-            y = (y * F.silu(z.float())).to(x.dtype)
+            u32 = u.float()
+            dA = torch.mul(dt.unsqueeze(-1), A2).exp2_()  # [B, d_inner, d_state]
+            if state.ssm_state.dtype == torch.float32:  # in place: a handful of operations per token
+                h = state.ssm_state.mul_(dA)
+                h.addcmul_((dt * u32).unsqueeze(-1), B.float().unsqueeze(1))
+            else:
+                h = state.ssm_state.float() * dA + (dt * u32).unsqueeze(-1) * B.float().unsqueeze(1)
+                state.ssm_state.copy_(h)
+            y = torch.bmm(h, C.float().unsqueeze(-1)).squeeze(-1)  # [B, d_inner]
+            y = y.addcmul_(u32, self.D.float()).mul_(F.silu(z.float())).to(x.dtype)
         return self.out_proj(y).unsqueeze(1)
+
+    def _step_torch(self, x: Tensor, state: MambaState) -> Tensor:
+        """``_step`` on the PyTorch path for an fp32 state without autograd (decoding): the same math in the
+        fewest operations, since at one token each costs more than its arithmetic. Parameters are read directly
+        (no module calls), the state is updated in place, and the decays are ``exp2(dt * A log2 e)`` with
+        ``A log2 e`` cached until ``A_log`` changes (torch's ``exp`` hands tensors above 2,048 elements to a
+        thread pool, which costs more than the math for one token and stalls on a busy machine)."""
+        xs, z = F.linear(x, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # [B, d_inner]
+        u = conv_step(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        dt, B, C = torch.split(
+            F.linear(u, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        if self.inner_norms:
+            dt, B, C = _rms(self.dt_layernorm, dt), _rms(self.b_layernorm, B), _rms(self.c_layernorm, C)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float())  # [B, d_inner]
+        u32 = u.float()
+        h = state.ssm_state.mul_(torch.mul(dt.unsqueeze(-1), self._decay_rates()).exp2_())  # [B, d_inner, N]
+        h.addcmul_((dt * u32).unsqueeze(-1), B.float().unsqueeze(1))
+        y = torch.bmm(h, C.float().unsqueeze(-1)).squeeze(-1)  # [B, d_inner]
+        y = y.addcmul_(u32, self.D.float()).mul_(F.silu(z.float()))
+        return F.linear(y.to(x.dtype), self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
+
+    def _decay_rates(self) -> Tensor:
+        """``A * log2(e)`` = -exp(A_log) log2(e), [d_inner, d_state] fp32, recomputed only when ``A_log`` changes
+        (in place: its version counter; moved or cast: its storage)."""
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device)
+        cached = getattr(self, "_decay_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.exp2(self.A_log.detach().float() * LOG2E).mul_(-LOG2E))
+            self._decay_cache = cached
+        return cached[1]

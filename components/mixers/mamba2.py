@@ -25,6 +25,9 @@ sequence) keeps the conv and the state from crossing sequence boundaries, on eve
 ``seq_idx``; it needs conv channels % 8 == 0 there, else ``auto`` runs the PyTorch path). Not supported:
 ``seq_idx`` with a decoding state, and ``cu_seqlens`` (upstream uses it only to return per-sequence states
 for inference). The decoder does not pack sequences yet, so only direct callers pass ``seq_idx``.
+
+Left padding (``state.pad``, batched generation): the padded positions' conv inputs and time steps are zeroed, so
+the state stays exactly zero through them, on every path (the scan then receives softplus(dt + dt_bias) itself).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.mixers.causal_conv import causal_conv1d, conv_step, last_inputs
+from components.mixers.causal_conv import causal_conv1d, causal_conv1d_seq, conv_step, last_inputs
 from components.mixers.kernels import (
     FUSED_NORM_MAX_GROUP,
     check_use_kernels,
@@ -49,7 +52,7 @@ from components.mixers.kernels import (
     select_kernels,
 )
 from components.mixers.ssd import SSD_CHUNK, ssd_chunked
-from components.mixers.ssm_state import SSMState, keep_last_state
+from components.mixers.ssm_state import SSMState, keep_last_state, valid_positions
 from toolkit.registry import register
 
 
@@ -277,12 +280,13 @@ class Mamba2(nn.Module):
                 filter(None, [limits, f"seq_idx needs conv channels % 8 == 0 (got {self.conv_dim})"])
             )
         kernels = select_kernels(self.use_kernels, mamba2_kernels, x, "mamba2", limits)
+        valid = valid_positions(state, x.shape[1])  # [B, L] False at left padding, or None
         if state is not None and x.shape[1] == 1:
             out = self._step(x[:, 0], state, kernels).unsqueeze(1)
         elif kernels is not None and state is None and self._use_fused(kernels):
             out = self._forward_fused(x, kernels, seq_idx)
         else:
-            out = self._forward_seq(x, state, kernels, seq_idx)
+            out = self._forward_seq(x, state, kernels, seq_idx, valid)
         if state is not None:
             state.seqlen_offset += x.shape[1]
         return out
@@ -320,9 +324,19 @@ class Mamba2(nn.Module):
             norm_before_gate=self.norm.norm_before_gate if self.rmsnorm else False,
         )
 
-    def _forward_seq(self, x: Tensor, state: Mamba2State | None, k, seq_idx: Tensor | None = None) -> Tensor:
+    def _forward_seq(
+        self,
+        x: Tensor,
+        state: Mamba2State | None,
+        k,
+        seq_idx: Tensor | None = None,
+        valid: Tensor | None = None,
+    ) -> Tensor:
         batch, seqlen, _ = x.shape
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))
+        if valid is not None:  # left padding: no conv input (masked_fill: whatever the padded rows hold)
+            xBC = xBC.masked_fill(~valid.unsqueeze(-1), 0.0)
+            dt = F.softplus(dt.float() + self.dt_bias.float()).masked_fill_(~valid.unsqueeze(-1), 0.0)
         xBC_t = xBC.transpose(1, 2)  # [B, conv_dim, L], channel-last in memory
         weight = self.conv1d.weight.squeeze(1)
         fresh = state is None or state.seqlen_offset == 0
@@ -337,7 +351,13 @@ class Mamba2(nn.Module):
             )
         else:
             prefix = None if state is None else state.conv_state[..., 1:]
-            conv_out = causal_conv1d(xBC_t, weight, self.conv1d.bias, prefix=prefix, seq_idx=seq_idx)
+            training = torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())
+            )
+            if seq_idx is None and not training:  # inference: sequence-major, [B, L, conv_dim]
+                conv_out = causal_conv1d_seq(xBC, weight, self.conv1d.bias, prefix=prefix).transpose(1, 2)
+            else:
+                conv_out = causal_conv1d(xBC_t, weight, self.conv1d.bias, prefix=prefix, seq_idx=seq_idx)
         if state is not None:
             state.conv_state.copy_(last_inputs(xBC_t, state.conv_state))
         xs, B, C = torch.split(
@@ -349,7 +369,7 @@ class Mamba2(nn.Module):
         B = B.unflatten(-1, (self.ngroups, self.d_state))  # [B, L, G, N]
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         initial = None if fresh else state.ssm_state
-        y = self._scan(xs, dt, B, C, initial, state is not None, k, seq_idx)
+        y = self._scan(xs, dt, B, C, initial, state is not None, k, seq_idx, dt_ready=valid is not None)
         y = keep_last_state(y, state)
         return self._output(y.reshape(batch, seqlen, self.d_ssm), z, z0, x0)
 
@@ -391,8 +411,11 @@ class Mamba2(nn.Module):
         return_final: bool,
         k,
         seq_idx: Tensor | None = None,
+        dt_ready: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """``dt_ready``: dt is already softplus(dt + dt_bias) (the padded path), so the scan applies neither."""
         A = -torch.exp(self.A_log.float())
+        dt_bias, softplus = (None, False) if dt_ready else (self.dt_bias, True)
         if k is not None:
             return k.mamba_chunk_scan_combined(
                 xs,
@@ -403,10 +426,10 @@ class Mamba2(nn.Module):
                 chunk_size=self.chunk_size,
                 D=self._D(),
                 z=None,
-                dt_bias=self.dt_bias,
+                dt_bias=dt_bias,
                 initial_states=initial,
                 seq_idx=seq_idx,
-                dt_softplus=True,
+                dt_softplus=softplus,
                 return_final_states=return_final,
             )
         return ssd_chunked(
@@ -416,8 +439,8 @@ class Mamba2(nn.Module):
             B,
             C,
             D=self._D(),
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
+            dt_bias=dt_bias,
+            dt_softplus=softplus,
             initial_state=initial,
             return_final_state=return_final,
             chunk_size=self.torch_chunk_size,

@@ -22,5 +22,7 @@ def test_bench_mixers_json_keys(capsys):
     assert {"speedup_vs_transformers", "target_speedup"} <= set(m1) and "speedup_vs_sequential" in m2
     assert set(result["prefill"]) == {"256", "512", "1024"}
     for row in result["prefill"].values():
-        assert 0 < row["hybrid_s"] < 600 and 0 < row["transformer_s"] < 600 and "hybrid_over_transformer" in row
+        assert (
+            0 < row["hybrid_s"] < 600 and 0 < row["transformer_s"] < 600 and "hybrid_over_transformer" in row
+        )
     assert result["command"].startswith("chimera bench mixers") and result["quick"] is True

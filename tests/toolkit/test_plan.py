@@ -166,7 +166,9 @@ def test_offline_pretrained_weights_fail_at_once_with_what_to_do(tiny_experiment
     assert "not in the local cache" in err and "checkpoint_path" in err and "model.encoder" in err
 
 
-def test_training_the_9b_reference_on_a_24gb_host_exits_2_with_the_memory_it_needs(monkeypatch, capsys, tmp_path):
+def test_training_the_9b_reference_on_a_24gb_host_exits_2_with_the_memory_it_needs(
+    monkeypatch, capsys, tmp_path
+):
     """The memory plan runs in the preflight: nothing of the model is allocated (the build is never reached)."""
     from tests.conftest import ROOT
     from toolkit import assemble, memory
