@@ -1,6 +1,7 @@
 """``chimera describe``: build the model on the meta device (no memory) and report its structure.
 
-Parameter counts per part (total and trainable under ``optim.trainable``, and per stage for a recipe), image
+Parameter counts per part (total and trainable under ``optim.trainable``, and per stage for a recipe; a
+parameter outside the four parts, such as LLaVA-NeXT's ``image_newline``, gets its own row), image
 tokens per image from the model's token plan (a plain image, a video frame, and an AnyRes 2 x 2 image with
 and without newline tokens), the resolved layer pattern and one line per decoder layer.
 """
@@ -32,6 +33,10 @@ def describe(plan: Plan | str | Path, overrides: Sequence[str] = ()) -> dict[str
     for part in PARTS:
         t, tr = count_params(getattr(model, part))
         by_part[part] = {"total": t, "trainable": tr, "name": str(cfg.model[part].name)}
+    # parameters the model holds beside the four parts (LLaVA-NeXT's image_newline), so the rows sum to the total
+    for name, child in model.named_children():
+        if name not in PARTS and (counts := count_params(child))[0]:
+            by_part[name] = {"total": counts[0], "trainable": counts[1], "name": type(child).__name__}
     encoder, decoder = model.encoder, model.decoder
     letters = _letter_names()
     layers = [

@@ -37,6 +37,10 @@ last activation is saved, and AdamW's two states exist from the first optimizer 
   shard unit (decoder layer, encoder block) keeps only its input, and backward recomputes one unit at a time
   (the largest one is counted), after the loss's backward has freed the logits.
 
+Images: each counts as the token plan's largest image (``TokenPlan.largest_image``): one view of
+``image_tokens``, or with AnyRes the largest grid's tokens (global view, tiles, newlines) and 1 + the most tiles
+encoder views; the encoder, pooler and connector terms scale with views. Video frames are not counted.
+
 Inference, one device, ``inference_batch`` sequences: weights in the compute dtype (or
 ``inference_weight_bytes``), the KV cache of every attention layer and the constant conv + SSM state of every
 Mamba layer (sizes from each mixer's own ``allocate_cache``, built on the meta device), and the prefill's
@@ -134,7 +138,7 @@ class MemoryPlan:
     seq_len: int
     batch_size: int  # sequences per device per micro-batch
     images_per_sample: int
-    image_tokens: int
+    image_tokens: int  # per image, the token plan's worst case (AnyRes: the largest grid with newlines)
     # the model
     params_total: int
     params_trainable: int
@@ -168,6 +172,8 @@ class MemoryPlan:
     device_memory: int | None = None
     host_memory: int | None = None
     notes: list[str] = field(default_factory=list)
+    image_views: int = 1  # encoder views per image (an AnyRes image: global view + tiles)
+    image_assumption: str = ""  # what image_tokens and image_views assume (the token plan's worst case)
 
     @property
     def static(self) -> int:
@@ -292,13 +298,16 @@ class Shapes:
     encoder_pre_norm: bool  # a LayerNorm before the blocks (CLIP's ln_pre)
     connector: Any
     connector_trainable: bool
-    connector_tokens: int  # tokens per image at the connector's input
-    image_tokens: int  # tokens per image in the decoder's sequence
+    connector_tokens: int  # tokens per encoder view at the connector's input
+    image_tokens: int  # decoder tokens per image: the token plan's worst case (AnyRes: the largest grid)
     pooling: bool  # the pooler reduces the encoder's tokens
     image_size: int
     units: list[Unit]  # every shard unit: decoder layers, then encoder blocks
     flops: Any  # toolkit.perf.FlopsModel
     cache_bytes: Callable[[int, int, int], tuple[int, int]]  # (batch, context, dtype bytes) -> (kv, ssm)
+    image_views: int = 1  # encoder views per image: 1, or an AnyRes global view + the most tiles
+    image_assumption: str = ""  # what image_tokens and image_views assume, printed with the plan
+    frame_tokens: int | None = None  # decoder tokens of a video frame pooled by model.vision.frame_stride
 
 
 def _count(module: Any) -> tuple[int, int]:
@@ -340,8 +349,24 @@ def shapes(model: Any) -> Shapes:
         if grid
         else int(encoder.num_tokens)
     )
-    pooled = int(model.image_tokens)
+    pooled = int(model.image_tokens)  # per view
     connector_tokens = int(encoder.num_tokens) if getattr(model, "pool_after_connector", False) else pooled
+    # an image is as many decoder tokens and encoder views as its token plan allows at most (AnyRes: the
+    # global view + tiles + newlines of the largest grid), not one view
+    token_plan = getattr(model, "token_plan", None)
+    image_tokens, image_views, assumption, frame_tokens = pooled, 1, "", None
+    if token_plan is not None:
+        grid, image_tokens, image_views = token_plan.largest_image()
+        vision = token_plan.settings
+        if grid is not None:
+            newline = "newlines" if vision.newline else "no newlines"
+            assumption = (
+                f"AnyRes worst case: the {grid[0]}x{grid[1]} grid ({token_plan.view_tokens} global view + tiles, "
+                f"{newline}, layout {vision.layout}) and {image_views} encoder views (global view + "
+                f"{image_views - 1} tiles)"
+            )
+        if vision.frame_stride is not None:
+            frame_tokens = int(token_plan.frame_tokens)
 
     def requires_grad(module: Any) -> bool:
         return module is not None and any(p.requires_grad for p in module.parameters())
@@ -383,12 +408,15 @@ def shapes(model: Any) -> Shapes:
         connector=connector,
         connector_trainable=requires_grad(connector),
         connector_tokens=connector_tokens,
-        image_tokens=pooled,
+        image_tokens=int(image_tokens),
         pooling=pooled != int(encoder.num_tokens),
         image_size=int(getattr(encoder, "image_size", 0) or 0),
         units=units,
         flops=FlopsModel(model),
         cache_bytes=cache_bytes,
+        image_views=int(image_views),
+        image_assumption=assumption,
+        frame_tokens=frame_tokens,
     )
 
 
@@ -606,7 +634,18 @@ def compute(sh: Shapes, s: Settings, *, config: str = "", stage: str | None = No
     pb = s.param_bytes
     tokens = s.batch_size * s.seq_len
     images = s.batch_size * s.images
+    views = images * sh.image_views  # what the encoder, pooler and connector run on
     notes: list[str] = []
+    if s.images and sh.image_views > 1:
+        notes.append(
+            "AnyRes images are counted at their largest grid; very wide or tall images (unpadded to few rows) "
+            "take fewer tokens for the same views, so a sequence of them encodes more: try --images N"
+        )
+    if s.images and sh.frame_tokens is not None:
+        notes.append(
+            f"video frames (model.vision.frame_stride: {sh.frame_tokens} tokens, 1 encoder view each) are not "
+            f"counted: a sequence of frames alone would encode up to {s.seq_len // max(sh.frame_tokens, 1)} views"
+        )
     fsdp = s.strategy == "fsdp"
     # strategy.frozen_dtype: a part none of whose parameters train is stored, and runs, in that dtype
     frozen = {part: total > 0 and tr == 0 for part, (total, tr) in sh.part_params.items()}
@@ -677,28 +716,28 @@ def compute(sh: Shapes, s: Settings, *, config: str = "", stage: str | None = No
     if images:
         blocks = list(getattr(sh.encoder, "shard_units", lambda: [])())
         if enc_flow:
-            per_image = ce * 3 * sh.image_size**2  # patch embedding's input (weight only, the encoder trains)
+            per_view = ce * 3 * sh.image_size**2  # patch embedding's input (weight only, the encoder trains)
             if sh.encoder_pre_norm:  # CLIP's LayerNorm before the blocks: its input, mean and rstd
-                per_image += sh.encoder_tokens * (ce * width + 2 * F32)
+                per_view += sh.encoder_tokens * (ce * width + 2 * F32)
             for blk, unit in zip(blocks, encoder_units):
                 vit = _vit_block(blk, es)
                 per_token = _saved(vit if vit is not None else _generic(blk, es), unit.trainable > 0)
-                unit_saved.append(per_token * sh.encoder_tokens * images)
-                unit_input.append(ce * width * sh.encoder_tokens * images)
-                per_image += per_token * sh.encoder_tokens
-            add("encoder", len(blocks), per_image * images, per_image / max(sh.encoder_tokens, 1))
+                unit_saved.append(per_token * sh.encoder_tokens * views)
+                unit_input.append(ce * width * sh.encoder_tokens * views)
+                per_view += per_token * sh.encoder_tokens
+            add("encoder", len(blocks), per_view * views, per_view / max(sh.encoder_tokens, 1))
             if sh.pooling:  # a pooler that reduces tokens keeps its input (average pooling's backward)
-                add("pooler", 1, ce * width * sh.encoder_tokens * images, ce * width)
+                add("pooler", 1, ce * width * sh.encoder_tokens * views, ce * width)
         else:
-            # no graph: one block's working set over every image of the micro-batch (x, norm output, then the
-            # larger of qkv + SDPA output and fc1 + GELU outputs), plus the images
-            encoder_forward = images * (
+            # no graph: one block's working set over every view of the micro-batch (x, norm output, then the
+            # larger of qkv + SDPA output and fc1 + GELU outputs), plus the views' pixels
+            encoder_forward = views * (
                 ce * sh.encoder_tokens * (2 * width + max(4 * width, 2 * _vit_hidden(blocks, width)))
                 + F32 * 3 * sh.image_size**2
             )
         if con_flow:
             con = _saved(_sequential(sh.connector, ps["connector"]), sh.connector_trainable)
-            add("connector", 1, con * sh.connector_tokens * images, con)
+            add("connector", 1, con * sh.connector_tokens * views, con)
     activations = sum(row[1] for row in by_kind.values())
 
     # -- activation checkpointing: a checkpointed unit keeps its input; backward recomputes one unit at a time,
@@ -756,6 +795,7 @@ def compute(sh: Shapes, s: Settings, *, config: str = "", stage: str | None = No
             prefill,
             s.inference_batch
             * s.images
+            * sh.image_views
             * (
                 c * sh.encoder_tokens * (2 * width + max(4 * width, 2 * _vit_hidden(blocks, width)))
                 + F32 * 3 * sh.image_size**2
@@ -769,7 +809,7 @@ def compute(sh: Shapes, s: Settings, *, config: str = "", stage: str | None = No
     host_build = s.processes_per_node * built * F32
     host_peak = host_build if s.cuda else max(s.processes_per_node * train_peak, host_build)
 
-    flops = sh.flops.step(tokens, s.batch_size * float(s.seq_len) ** 2, images) / max(tokens, 1)
+    flops = sh.flops.step(tokens, s.batch_size * float(s.seq_len) ** 2, views) / max(tokens, 1)
     parts = [Part(kind, int(n), int(nbytes), float(per)) for kind, (n, nbytes, per) in by_kind.items()]
     plan = MemoryPlan(
         config=config,
@@ -811,6 +851,8 @@ def compute(sh: Shapes, s: Settings, *, config: str = "", stage: str | None = No
         host_build=int(host_build),
         host_peak=int(host_peak),
         notes=notes,
+        image_views=sh.image_views,
+        image_assumption=sh.image_assumption,
     )
     plan._shapes, plan._settings = sh, s  # for check_fits' "what would fit" answers
     return plan
@@ -1300,7 +1342,12 @@ def format_plan(plan: MemoryPlan) -> str:
         f"setting       {plan.accelerator}, {plan.strategy} over {plan.devices} device(s) "
         f"({plan.processes_per_node} per node), {plan.precision}",
         f"step          {plan.batch_size} x {plan.seq_len:,} tokens per device, {plan.images_per_sample} image(s) "
-        f"per sample x {plan.image_tokens} tokens",
+        f"per sample x {plan.image_tokens} tokens"
+        + (f", {plan.image_views} encoder views each" if plan.image_views > 1 else ""),
+    ]
+    if plan.image_assumption:
+        out.append(f"images        {plan.image_assumption}")
+    out += [
         "",
         row("training, per device", "no checkpoint.", "checkpointing"),
         both("  parameters", plan.params),

@@ -152,6 +152,18 @@ class TokenPlan:
     def max_tiles(self) -> int:
         return max(r * c for r, c in self.grids)
 
+    def largest_image(self) -> tuple[tuple[int, int] | None, int, int]:
+        """The most one image (not a frame) can take, for worst-case estimates (``toolkit.memory``):
+        ``(grid, tokens, views)``. With AnyRes: the allowed grid whose image of its own shape (``cols * S x
+        rows * S``: nothing unpadded) takes the most tokens, and ``1 + max_tiles`` encoder views (the global
+        view and the tiles of the grid with the most); without: ``(None, view_tokens, 1)``."""
+        if not self.settings.anyres:
+            return None, self.view_tokens, 1
+        S = self.image_size
+        by_grid = {(r, c): self.tokens(self.row(c * S, r * S, (r, c))) for r, c in self.grids}
+        grid = max(by_grid, key=lambda g: (by_grid[g], g[0] * g[1]))
+        return grid, by_grid[grid], 1 + self.max_tiles
+
     def grid_for(self, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int] | None:
         """The AnyRes grid ``(rows, cols)`` for a ``width x height`` image by LLaVA-NeXT's rule among the
         grids of at most ``max_tiles`` tiles; None when AnyRes is off or no grid is allowed (one view)."""

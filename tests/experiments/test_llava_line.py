@@ -80,6 +80,11 @@ def test_describe_gives_the_published_count_and_tokens(described, name):
         assert abs(published - PUBLISHED_TOTAL) / PUBLISHED_TOTAL < 0.002
         assert abs(info["params"]["total"] - PUBLISHED_TOTAL) / PUBLISHED_TOTAL < 0.002
     assert parts["decoder"]["total"] == VICUNA_7B
+    assert sum(part["total"] for part in parts.values()) == info["params"]["total"]  # every row counted
+    if name.startswith("llava_next"):
+        assert parts["image_newline"]["total"] == NEWLINE
+    else:
+        assert "image_newline" not in parts
     assert parts["connector"]["total"] == (LINEAR if name == "llava_10" else MLP2X)
     assert parts["encoder"]["trainable"] == 0 and info["encoder"]["width"] == 1024
     assert info["image_tokens"] == tokens and info["tokens_per_image"]["image"] == tokens
@@ -121,6 +126,7 @@ def test_next_anyres_maximum_is_2928_tokens(described, name):
         assert by_grid[(rows, cols)] == 576 + (24 * rows) * (24 * cols) + 24 * rows
     assert set(by_grid) == {(2, 1), (1, 2), (2, 2), (1, 3), (3, 1)}
     assert max(by_grid.values()) == by_grid[(2, 2)] == 2928
+    assert plan.largest_image() == ((2, 2), 2928, 5)  # what chimera plan assumes: + global view + 4 tiles
     anyres = described[name]["tokens_per_image"]
     assert anyres["anyres"] is True and anyres["anyres_2x2"]["newline"] == 2928
     assert anyres["anyres_2x2"]["no_newline"] == 2880

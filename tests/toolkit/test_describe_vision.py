@@ -66,6 +66,7 @@ def test_describe_prints_the_anyres_line_and_counts_the_newline(tmp_path, capsys
     assert main(["describe", str(path)]) == 0
     out = capsys.readouterr().out
     assert "image tokens  576 per image" in out
+    assert "image_newline ImageNewline" in out  # its own row: the rows sum to the total
     assert "anyres 2x2    672x672 px image: 2928 tokens with newline, 2880 without (layout llava_next" in out
     info = describe(path)
     newline = info["params"]["total"] - describe(path, ["model.vision.newline=false"])["params"]["total"]

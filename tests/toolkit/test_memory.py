@@ -360,6 +360,39 @@ def test_gpu_ranks_each_build_the_fp32_model_on_the_host(reference):
     assert "strategy.init=meta" in problems[0]  # which builds only the encoder on the host
 
 
+LLAVA_NEXT = ROOT / "experiments" / "llava" / "llava_next.yaml"
+
+
+def test_anyres_images_count_their_largest_grid_and_every_view():
+    """`chimera plan experiments/llava/llava_next.yaml` (full size, meta device): an AnyRes image is counted at
+    its largest grid, 2x2: 576 (global view) + 48 x (48 + 1 newline) = 2,928 decoder tokens and 5 encoder views
+    (global view + 4 tiles); the table says so. At the same images per sample it saves 5 times the encoder's and
+    the connector's activations of AnyRes off (one 576-token view per image)."""
+    from toolkit.plan import load_plan
+
+    plan = load_plan(LLAVA_NEXT, check_model=False)
+    on = memory.estimate(plan)  # every stage; the finetune stage (the tower trains too) has the highest peak
+    assert on.stage == "finetune" and on.image_tokens == 2928 and on.image_views == 5
+    assert on.images_per_sample == 4096 // 2928 == 1  # images fill data.max_length
+    text = memory.format_plan(on)
+    assert "1 image(s) per sample x 2928 tokens, 5 encoder views each" in text, text
+    assert "AnyRes worst case: the 2x2 grid" in text and "global view + 4 tiles" in text, text
+
+    finetune = next(stage for stage in plan.stages if stage.name == "finetune").cfg
+    off_cfg = OmegaConf.merge(finetune, {"model": {"vision": {"anyres": False}}})
+    # without AnyRes there is no image_newline to train
+    off_shapes = memory.build_shapes(
+        off_cfg, plan.tokenizer, trainable=["encoder.*", "connector.*", "decoder.*"]
+    )
+    assert (off_shapes.image_tokens, off_shapes.image_views) == (576, 1)
+    off = memory.compute(off_shapes, on._settings)  # the same settings: 1 image per sample
+    assert off.images_per_sample == 1 and on.activations > off.activations
+    on_parts, off_parts = ({p.kind: p.bytes for p in x.parts} for x in (on, off))
+    for part in ("encoder", "connector"):
+        assert on_parts[part] == pytest.approx(5 * off_parts[part], rel=1e-6), part
+    assert on.flops_per_token > off.flops_per_token
+
+
 def _reset_peak() -> None:
     """Start this process's peak resident memory (VmHWM) again from the current one (Linux)."""
     try:
