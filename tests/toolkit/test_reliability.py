@@ -120,7 +120,8 @@ def test_a_signal_checkpoints_marks_the_run_killed_exits_128_plus_signal_and_res
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_holder(tmp_path, tiny_experiment):
-    config = _experiment(tmp_path, tiny_experiment)
+    # the holder trains until the test kills it: the second process may take a minute to start on a busy box
+    config = _experiment(tmp_path, tiny_experiment, max_steps=100_000)
     log = tmp_path / "first.log"
     first = _start(config, "name=shared", log=log)
     try:
