@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_anyres_and_video_records_train_on_cpu(tmp_path, layout) -> None:
     result = train(path)
     stage = result.stages[0]
     assert stage.global_step == 3
-    assert stage.metrics["val/loss"] == pytest.approx(stage.metrics["val/loss"])  # a number, not NaN
+    assert math.isfinite(stage.metrics["val/loss"])
     assert (
         stage.metrics["data/over_budget"] >= 2
     )  # at least 2 of the first 4 samples of an epoch hold a video

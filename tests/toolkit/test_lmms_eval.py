@@ -63,7 +63,9 @@ def run(tiny_experiment, tmp_path):
     export_weights(model.state_dict(), folder / FINAL_WEIGHTS)
     uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = tracking.client(uri)
-    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("tests", artifact_location=tracking.artifact_location(uri))
+    ).info.run_id
     (folder / RUN_STATE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id, "finished": True}))
     return folder, model.eval(), plan, uri, run_id
 

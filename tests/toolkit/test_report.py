@@ -63,7 +63,7 @@ def store(tmp_path_factory):
     (root / "runs").mkdir()
     tracking.ensure_store(uri)
     c = MlflowClient(uri)
-    exp = c.create_experiment("ablations")
+    exp = c.create_experiment("ablations", artifact_location=tracking.artifact_location(uri))
     ids = {}
     for variant, seeds in ACC.items():
         params = {

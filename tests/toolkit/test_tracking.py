@@ -53,7 +53,11 @@ def _copy_store(store: str, dest: Path) -> tuple[str, Path]:
 def _run(uri: str) -> str:
     c = _client(uri)
     experiment = c.get_experiment_by_name("tests")
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment("tests")
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else c.create_experiment("tests", artifact_location=tracking.artifact_location(uri))
+    )
     return c.create_run(experiment_id, run_name=f"r-{uuid.uuid4().hex[:6]}").info.run_id
 
 
