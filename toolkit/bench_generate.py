@@ -134,6 +134,7 @@ def bench_generate(
     peak: bool = True,
 ) -> dict[str, Any]:
     """Everything ``chimera bench generate`` reports (stable keys: see the module docstring)."""
+    from components import cpu_kernels
     from toolkit.bench import _decoder
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,6 +147,7 @@ def bench_generate(
             "new_tokens": new_tokens,
             "patterns": {name: decoders[name].pattern for name, _ in MODELS},
             "batch": 1,
+            "cpu_kernels": "numba" if device.type == "cpu" and cpu_kernels.kernels() else "pytorch",
         },
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -201,7 +203,8 @@ def format_generate(result: dict[str, Any]) -> str:
     lines = [
         "generation, hybrid 1:7 vs Transformer (equal width and depth, B=1, prefill then greedy decoding)",
         f"  d_model {cfg['d_model']}, {cfg['n_layers']} layers, hybrid {cfg['patterns']['hybrid']}, "
-        f"{cfg['new_tokens']} new tokens; {result['device']}, {result['threads']} threads; side by side",
+        f"{cfg['new_tokens']} new tokens; {result['device']}, {result['threads']} threads, "
+        f"{cfg.get('cpu_kernels', 'pytorch')} CPU steps; side by side",
         f"  {'L':>7} {'prefill s (h / t)':>19} {'ratio':>6} {'decode tok/s (h / t)':>22} {'speedup':>8} "
         f"{'cache MB (h / t)':>18} {'ratio':>6} {'peak MB (h / t)':>18}",
     ]

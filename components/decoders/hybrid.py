@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.decoders import pattern as patterns
@@ -43,10 +44,24 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, state: Any = None) -> Tensor:
         if self.mixer is not None:
-            x = x + self.mixer(self.mixer_norm(x), state)
+            x = _residual(self.mixer, self.mixer_norm, x, state)
         for norm, ffn in zip(self.ffn_norms, self.ffns):
-            x = x + ffn(norm(x))
+            x = _residual(ffn, norm, x)
         return x
+
+
+def _residual(sublayer: nn.Module, norm: nn.RMSNorm, x: Tensor, *state: Any) -> Tensor:
+    """x + sublayer(norm(x)). A sub-layer with a ``residual_step(norm, x, *state)`` may compute the whole of it
+    in one call (a fused decoding step, ``components.cpu_kernels``) or return None to decline. The norm runs as
+    a function: a module call costs as much as the norm itself at one token."""
+    fused = getattr(type(sublayer), "residual_step", None)
+    if fused is not None and (out := fused(sublayer, norm, x, *state)) is not None:
+        return out
+    return x + sublayer(_rms_norm(norm, x), *state)
+
+
+def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
 @register("decoder", "hybrid")
@@ -177,7 +192,7 @@ class HybridDecoder(nn.Module):
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cache[i] if cache is not None else None)
-        return self.final_norm(x)
+        return _rms_norm(self.final_norm, x)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[B, T, d_model] -> [B, T, vocab_size]."""

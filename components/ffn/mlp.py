@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components import cpu_kernels
 from toolkit.registry import register
 
 
@@ -29,5 +31,14 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [..., d_model] -> [..., d_model]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x: [..., d_model] -> [..., d_model]. Functional calls (no module-call overhead, which at one decoding
+        token costs as much as the arithmetic); in place where no autograd graph is built."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        h, u = F.linear(x, gate.weight, gate.bias), F.linear(x, up.weight, up.bias)
+        h = F.silu(h) * u if torch.is_grad_enabled() else F.silu(h, inplace=True).mul_(u)
+        return F.linear(h, down.weight, down.bias)
+
+    def residual_step(self, norm: nn.Module, x: Tensor) -> Tensor | None:
+        """``x + self(norm(x))`` for a few rows on a CPU (decoding) in one numba call (``cpu_kernels``); None
+        where that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum)."""
+        return cpu_kernels.swiglu_residual_step(self, norm, x)

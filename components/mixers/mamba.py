@@ -20,7 +20,9 @@ function that cannot run (a mamba-ssm / causal-conv1d version mismatch) use ``ca
 Packed sequences (``seq_idx``) are not supported: mamba_ssm's Mamba-1 scan has no such argument.
 
 Inference (no gradient needed): the PyTorch path convolves in sequence-major layout (``causal_conv1d_seq``) and
-scans with ``selective_scan``'s forward-only path; one token updates the state in place. Left padding
+scans with ``selective_scan``'s forward-only path; one token updates the state in place. On a CPU with numba
+(``components/cpu_kernels.py``) a decoder layer's whole mixer half at one token (pre-norm, mixer, residual) is
+one compiled call (``residual_step``), and the prefill's scan one pass per thread. Left padding
 (``state.pad``, batched generation): the padded positions' conv inputs and time steps are zeroed, so the state
 stays exactly zero through them (``exp(0 * A) = 1``, no input) and the conv window of the first real token
 sees zeros, as at the start of a sequence.
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components import cpu_kernels
 from components.mixers.causal_conv import causal_conv1d, causal_conv1d_seq, conv_step, last_inputs
 from components.mixers.kernels import (
     check_use_kernels,
@@ -188,6 +191,17 @@ class Mamba(nn.Module):
             out = self._forward_torch(x, state, valid)
         if state is not None:
             state.seqlen_offset += x.shape[1]
+        return out
+
+    def residual_step(self, norm: nn.Module, x: Tensor, state: MambaState | None = None) -> Tensor | None:
+        """``x + self(norm(x))`` for one decoding token on a CPU in one numba call (``cpu_kernels``); None where
+        that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum)."""
+        if state is None or x.shape[1] != 1 or self.use_kernels != "auto" or x.device.type != "cpu":
+            return None
+        out = cpu_kernels.mamba1_residual_step(self, norm, x, state.conv_state, state.ssm_state)
+        if out is not None:
+            log_path_once("mamba", "numba one-token step (CPU)")
+            state.seqlen_offset += 1
         return out
 
     def _forward_torch(self, x: Tensor, state: MambaState | None, valid: Tensor | None = None) -> Tensor:

@@ -15,7 +15,8 @@ instead: the same recurrence and blocking, forward only, in longer blocks (``INF
 computed as ``exp2(delta * A * log2(e))`` (``exp2`` is about 1.8x cheaper than ``exp`` on CPUs; the GPU kernels
 use it too), no saved boundaries and no copies of its inputs, and its block loop on one CPU thread
 (``_one_thread``: the block operations are too small to gain from OpenMP and stall at its barriers on a busy
-machine). It agrees with the training path to fp32 rounding.
+machine). It agrees with the training path to fp32 rounding. With numba on a CPU the whole forward-only scan is
+instead one compiled pass per thread over a share of the channels (``components.cpu_kernels.scan``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from components import cpu_kernels
 
 SCAN_BLOCK = 32  # Mamba-1 time block on CPU (measured at D=512, N=16: 16-32 fastest; 128 is 1.4x slower)
 # forward-only time block: no backward to keep in cache, fewer per-block operations (measured at D=256,
@@ -55,18 +58,21 @@ def _scan_inference(
 
     u, delta: [B, L, D] fp32 (any strides); At: [N, D]; Bm, C: [B, L, N]; h0: [B, N, D]. Each block of ``block``
     steps builds its decays (``exp2``) and inputs into two reused buffers, runs the recurrence in place and
-    contracts the states with C in one matmul.
+    contracts the states with C in one matmul. On a CPU with numba the whole scan is instead one kernel pass
+    per thread over its share of the channels (``cpu_kernels.scan``; no buffers, no per-block operations).
     """
     batch, length, dim = u.shape
     du = delta * u  # [B, L, D]
     y = du.new_empty(batch, length, dim)
-    T = min(block, length)
     At2 = At * LOG2E  # exp(delta A) = exp2(delta A log2 e)
+    h = h0.clone()  # [B, N, D], the state carried from block to block
+    if cpu_kernels.scan(delta, du, At2, Bm, C, h, y, EXP_FLOOR * LOG2E if floor else -126.0):
+        return y, h
+    T = min(block, length)
     dA_buf = du.new_empty(batch, T, At.shape[0], dim)
     H_buf = torch.empty_like(dA_buf)
     dA_steps, H_steps = list(dA_buf.unbind(1)), list(H_buf.unbind(1))  # per-step views, made once
     in_order = _foreach_in_order(u.device.type)
-    h = h0.clone()  # [B, N, D], the state carried from block to block
     with _one_thread(u.device):  # the block ops are small: see _one_thread
         for s in range(0, length, block):
             n = min(s + block, length) - s
