@@ -155,7 +155,9 @@ def swiglu_residual_step(ffn: nn.Module, norm: nn.Module, x: Tensor) -> Tensor |
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads for ``scan``, one pool per process (``pid``: a forked child never reuses its parent's pool,
+    whose threads it does not have)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="chimera-scan")
 
 
@@ -178,7 +180,7 @@ def scan(
     if threads == 1:
         run(*arrays, 0, dim, low)
         return True
-    jobs = [_pool(threads).submit(run, *arrays, a, b, low) for a, b in zip(bounds, bounds[1:])]
+    jobs = [_pool(threads, os.getpid()).submit(run, *arrays, a, b, low) for a, b in zip(bounds, bounds[1:])]
     for job in jobs:
         job.result()
     return True

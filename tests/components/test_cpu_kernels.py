@@ -174,3 +174,33 @@ def test_residual_falls_back_to_norm_sublayer_and_sum():
     norm, linear = nn.RMSNorm(8), nn.Linear(8, 8)
     x = torch.randn(1, 1, 8)
     torch.testing.assert_close(_residual(linear, norm, x), x + linear(norm(x)))
+
+
+def _scan_twice_on_two_threads() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    u, delta, A = torch.randn(1, 20, 128), torch.rand(1, 20, 128), -torch.rand(4, 128)
+    with torch.inference_mode():
+        for _ in range(2):
+            _scan_inference(
+                u, delta, A, torch.randn(1, 20, 4), torch.randn(1, 20, 4), torch.zeros(1, 4, 128), 64, False
+            )
+
+
+def test_scan_runs_in_a_forked_child_after_its_parent_ran_it():
+    """The scan's thread pool is per process: a child forked after the parent used it (a fork-started worker)
+    gets its own, instead of waiting forever on threads it does not have."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    try:
+        _scan_twice_on_two_threads()
+        child = multiprocessing.get_context("fork").Process(target=_scan_twice_on_two_threads)
+        child.start()
+        child.join(120)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive and child.exitcode == 0
+    finally:
+        torch.set_num_threads(threads)
