@@ -40,5 +40,8 @@ class SwiGLU(nn.Module):
 
     def residual_step(self, norm: nn.Module, x: Tensor) -> Tensor | None:
         """``x + self(norm(x))`` for a few rows on a CPU (decoding) in one numba call (``cpu_kernels``); None
-        where that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum)."""
+        where that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum), including for a
+        subclass that overrides ``forward``: the kernel computes this class's math."""
+        if type(self).forward is not SwiGLU.forward:
+            return None
         return cpu_kernels.swiglu_residual_step(self, norm, x)

@@ -195,8 +195,11 @@ class Mamba(nn.Module):
 
     def residual_step(self, norm: nn.Module, x: Tensor, state: MambaState | None = None) -> Tensor | None:
         """``x + self(norm(x))`` for one decoding token on a CPU in one numba call (``cpu_kernels``); None where
-        that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum)."""
+        that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum), including for a
+        subclass that overrides the step: the kernel computes this class's math."""
         if state is None or x.shape[1] != 1 or self.use_kernels != "auto" or x.device.type != "cpu":
+            return None
+        if type(self).forward is not Mamba.forward or type(self)._step_torch is not Mamba._step_torch:
             return None
         out = cpu_kernels.mamba1_residual_step(self, norm, x, state.conv_state, state.ssm_state)
         if out is not None:

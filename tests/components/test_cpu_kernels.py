@@ -80,6 +80,18 @@ def test_the_kernels_decline_what_they_do_not_cover():
         never = Mamba(32, d_state=8, use_kernels="never")
         assert never.residual_step(norm, x, never.allocate_cache(1, 4)) is None
 
+        class Scaled(SwiGLU):  # a plugin that changes the math: the kernel would compute SwiGLU's
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        class Stepped(Mamba):
+            def _step_torch(self, x, state):
+                return 2 * super()._step_torch(x, state)
+
+        assert Scaled(32, d_ff=48).residual_step(norm, x) is None
+        stepped = Stepped(32, d_state=8)
+        assert stepped.residual_step(norm, x, stepped.allocate_cache(1, 4)) is None
+
 
 def test_weights_changed_in_place_or_moved_are_seen(no_numba):
     mixer, norm = _mamba(False), nn.RMSNorm(32)
