@@ -3,8 +3,7 @@ numba).
 
 Each kernel is the math of the PyTorch path it replaces, in fp32, states updated in place: half a decoder layer's
 one-token step over a batch of rows (pre-norm, sub-layer, residual), or the inference scan over a range of
-channels. Reductions run in fastmath order, so results agree with the
-PyTorch path to ~1e-6, not bitwise.
+channels. Reductions run in fastmath order, so results agree with the PyTorch path to ~1e-6, not bitwise.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ class Mamba(nn.Module):
         """``x + self(norm(x))`` for one decoding token on a CPU in one numba call (``cpu_kernels``); None where
         that does not apply (``DecoderLayer`` then runs the norm, ``forward`` and the sum), including for a
         subclass that overrides the step: the kernel computes this class's math."""
-        if state is None or x.shape[1] != 1 or self.use_kernels != "auto" or x.device.type != "cpu":
+        # device, dtype, grad mode, rows: cpu_kernels checks them
+        if state is None or x.shape[1] != 1 or self.use_kernels != "auto":
             return None
         if type(self).forward is not Mamba.forward or type(self)._step_torch is not Mamba._step_torch:
             return None
